@@ -1,0 +1,247 @@
+// The consuming connection, after rabbitmq-client's Consumer: ack discipline lives here
+// and nowhere else. A delivery is settled only on the channel that delivered it, and
+// never once that channel has closed (RabbitMQ answers a stale tag with a 406 that closes
+// the channel and requeues everything on it). A lost connection, a closed channel or a
+// consumer cancelled by the broker is followed by a reconnect with backoff, forever.
+import { EventEmitter } from 'node:events';
+import amqp, { type Channel, type ChannelModel, type ConsumeMessage } from 'amqplib';
+import type { Logger } from 'pino';
+import { socketOptions, withHeartbeat } from './amqp-url.ts';
+import { backoffDelay } from './backoff.ts';
+import { ServiceError } from './errors.ts';
+import { declareTopology, type Topology } from './topology.ts';
+
+export interface Delivery {
+  message: ConsumeMessage;
+  /** The channel that delivered it: the only one that may settle it. */
+  channel: Channel;
+}
+
+export type ConsumerState = 'connecting' | 'consuming' | 'reconnecting' | 'cancelled' | 'closed';
+
+export interface ConsumerOptions {
+  url: string;
+  topology: Topology;
+  prefetch: number;
+  logger: Logger;
+  onDelivery: (delivery: Delivery) => void;
+  reconnect?: { initialMs: number; maxMs: number };
+}
+
+type ConsumerEvents = {
+  state: [state: ConsumerState];
+  reconnected: [];
+  fatal: [err: ServiceError];
+};
+
+export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
+  readonly #opts: ConsumerOptions;
+  readonly #url: string;
+  readonly #log: Logger;
+  #state: ConsumerState = 'connecting';
+  #connection: ChannelModel | undefined;
+  #channel: Channel | undefined;
+  #consumerTag: string | undefined;
+  #stopping = false;
+  #wake: (() => void) | undefined;
+  #loop: Promise<void> | undefined;
+  #blocked = false;
+
+  constructor(opts: ConsumerOptions) {
+    super();
+    this.#opts = opts;
+    this.#url = withHeartbeat(opts.url);
+    this.#log = opts.logger.child({ component: 'consumer' });
+  }
+
+  get state(): ConsumerState {
+    return this.#state;
+  }
+
+  get connected(): boolean {
+    return this.#connection !== undefined;
+  }
+
+  /** True while the broker has blocked this connection (a resource alarm). */
+  get blocked(): boolean {
+    return this.#blocked;
+  }
+
+  /** Starts connecting in the background; progress shows in `state`, failures that retry will not help in 'fatal'. */
+  start(): void {
+    this.#loop ??= this.#run();
+  }
+
+  /** Acks on the delivering channel; false when that channel is gone (the broker redelivers). */
+  ack(delivery: Delivery): boolean {
+    if (!this.#isLive(delivery)) return false;
+    delivery.channel.ack(delivery.message);
+    return true;
+  }
+
+  /** Gives the message back to the queue (shutdown, a task not started). */
+  requeue(delivery: Delivery): boolean {
+    if (!this.#isLive(delivery)) return false;
+    delivery.channel.nack(delivery.message, false, true);
+    return true;
+  }
+
+  #isLive(delivery: Delivery): boolean {
+    const live = delivery.channel === this.#channel;
+    if (!live) {
+      this.#log.debug(
+        { deliveryTag: delivery.message.fields.deliveryTag },
+        'not settling: its channel has closed',
+      );
+    }
+    return live;
+  }
+
+  /** Stops new deliveries (basic.cancel) but keeps the channel open to settle what is in flight. */
+  async cancel(): Promise<void> {
+    this.#stopping = true;
+    this.#wake?.();
+    const channel = this.#channel;
+    const tag = this.#consumerTag;
+    this.#consumerTag = undefined;
+    if (channel !== undefined && tag !== undefined) {
+      // Bounded: on a half-dead connection the cancel-ok may never come; then the broker
+      // requeues on its own when the connection goes.
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([
+        channel.cancel(tag).catch((err) => this.#log.warn({ err }, 'cancelling the consumer failed')),
+        new Promise((resolve) => {
+          timer = setTimeout(resolve, 5_000);
+        }),
+      ]);
+      clearTimeout(timer);
+    }
+    this.#setState('cancelled');
+  }
+
+  async close(): Promise<void> {
+    this.#stopping = true;
+    this.#wake?.();
+    const connection = this.#connection;
+    this.#connection = undefined;
+    this.#channel = undefined;
+    if (connection !== undefined) await connection.close().catch(() => {});
+    await this.#loop;
+    this.#setState('closed');
+  }
+
+  #setState(state: ConsumerState): void {
+    if (this.#state === state) return;
+    this.#state = state;
+    this.emit('state', state);
+  }
+
+  async #run(): Promise<void> {
+    let attempt = 0;
+    let everConsumed = false;
+    while (!this.#stopping) {
+      try {
+        const { ended } = await this.#session();
+        if (everConsumed) this.emit('reconnected');
+        everConsumed = true;
+        attempt = 0;
+        const reason = await ended;
+        if (this.#stopping) break;
+        this.#log.warn({ reason }, 'lost the broker; reconnecting');
+      } catch (err) {
+        if (err instanceof ServiceError && err.code === 'ERR_TOPOLOGY') {
+          this.emit('fatal', err);
+          return;
+        }
+        if (this.#stopping) break;
+        this.#log.warn(
+          { err: { message: (err as Error).message, code: (err as { code?: unknown }).code } },
+          'cannot reach the broker',
+        );
+        await this.#dropConnection();
+      }
+      this.#setState(everConsumed ? 'reconnecting' : 'connecting');
+      attempt++;
+      await this.#sleep(backoffDelay(attempt, this.#opts.reconnect ?? { initialMs: 200, maxMs: 15_000 }));
+    }
+  }
+
+  /** Connects, declares and consumes; resolves with a promise of the reason it ends. */
+  async #session(): Promise<{ ended: Promise<string> }> {
+    const connection = await amqp.connect(this.#url, socketOptions('consume'));
+    this.#connection = connection;
+    let endSession: (reason: string) => void = () => {};
+    const ended = new Promise<string>((resolve) => {
+      endSession = resolve;
+    });
+    connection.on('error', (err) => this.#log.warn({ err: { message: err.message } }, 'connection error'));
+    connection.on('close', () => {
+      if (this.#connection === connection) {
+        this.#connection = undefined;
+        this.#channel = undefined;
+      }
+      this.#blocked = false;
+      endSession('connection closed');
+    });
+    connection.on('blocked', (reason) => {
+      this.#blocked = true;
+      this.#log.warn({ reason }, 'the broker blocked the consuming connection (resource alarm)');
+    });
+    connection.on('unblocked', () => {
+      this.#blocked = false;
+    });
+
+    const channel = await connection.createChannel();
+    channel.on('error', (err) =>
+      this.#log.warn({ err: { message: err.message } }, 'channel closed by an error'),
+    );
+    channel.on('close', () => {
+      if (this.#channel === channel) this.#channel = undefined;
+      // The connection may live on, but one clean path back is simplest: start over.
+      connection.close().catch(() => {});
+      endSession('channel closed');
+    });
+    await declareTopology(channel, this.#opts.topology);
+    await channel.prefetch(this.#opts.prefetch);
+    if (this.#stopping) {
+      await connection.close().catch(() => {});
+      return { ended };
+    }
+    this.#channel = channel;
+    const { consumerTag } = await channel.consume(
+      this.#opts.topology.queue,
+      (message) => {
+        if (message === null) {
+          // The broker cancelled us (the queue was deleted, a node went away): set up again.
+          this.#log.warn('the broker cancelled the consumer; setting up again');
+          connection.close().catch(() => {});
+          return;
+        }
+        this.#opts.onDelivery({ message, channel });
+      },
+      { noAck: false },
+    );
+    this.#consumerTag = consumerTag;
+    this.#setState('consuming');
+    this.#log.info({ queue: this.#opts.topology.queue, prefetch: this.#opts.prefetch }, 'consuming');
+    return { ended };
+  }
+
+  async #dropConnection(): Promise<void> {
+    const connection = this.#connection;
+    this.#connection = undefined;
+    this.#channel = undefined;
+    if (connection !== undefined) await connection.close().catch(() => {});
+  }
+
+  #sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      function done() {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.#wake = done;
+    });
+  }
+}

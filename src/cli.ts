@@ -1,0 +1,74 @@
+#!/usr/bin/env node
+// The entry point, and the only module that touches `process`: it reads the flags and the
+// env, owns the signals and the exit codes (2: a bad flag, task module or topology).
+import { readFileSync } from 'node:fs';
+import { helpText, parseConfig } from './config.ts';
+import { exitCodeFor, ServiceError } from './errors.ts';
+import { createLogger } from './logger.ts';
+import { Service } from './service.ts';
+import { resolveTaskModule } from './task-module.ts';
+
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as {
+    version: string;
+  };
+  return pkg.version;
+}
+
+function die(err: unknown): never {
+  const message = err instanceof Error ? err.message : String(err);
+  process.stderr.write(`amqp-concurrency: ${message}\n`);
+  // A task module's own error: its stack says where, which a user needs to fix it.
+  const cause = err instanceof ServiceError ? (err.cause as { stack?: unknown } | undefined) : undefined;
+  if (err instanceof ServiceError && err.code === 'ERR_TASK_MODULE' && typeof cause?.stack === 'string') {
+    process.stderr.write(`${cause.stack}\n`);
+  }
+  process.exit(exitCodeFor(err));
+}
+
+async function main(): Promise<void> {
+  let parsed: ReturnType<typeof parseConfig>;
+  let moduleUrl: string;
+  try {
+    parsed = parseConfig(process.argv.slice(2), process.env);
+    if (parsed.kind === 'help') {
+      process.stdout.write(`${helpText()}\n`);
+      return;
+    }
+    if (parsed.kind === 'version') {
+      process.stdout.write(`${version()}\n`);
+      return;
+    }
+    moduleUrl = resolveTaskModule(parsed.config.taskPath, process.cwd());
+  } catch (err) {
+    die(err);
+  }
+  const { config } = parsed;
+  const logger = createLogger(config.logLevel);
+  const service = new Service({ config, moduleUrl, logger });
+
+  // The first SIGTERM/SIGINT drains; a second one stops at once, and the broker requeues
+  // whatever was not acked. The deadline timer starts before the drain.
+  let signalled = false;
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (signalled) {
+      logger.warn({ signal }, 'second signal: stopping now');
+      process.exit(1);
+    }
+    signalled = true;
+    void service.drain(signal);
+  };
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+
+  try {
+    await service.start();
+  } catch (err) {
+    die(err);
+  }
+  logger.info({ port: service.httpPort }, 'ready');
+  const ending = await service.ended;
+  process.exit(ending.code);
+}
+
+await main();

@@ -1,0 +1,89 @@
+// The HTTP face of the service: probes, metrics and the authorised drain. buildServer()
+// returns an instance that is not listening yet, so tests drive it with inject() and the
+// service decides when to listen and (last of all, during a drain) when to close.
+import { timingSafeEqual } from 'node:crypto';
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify';
+import type { Logger } from 'pino';
+import type { Registry } from 'prom-client';
+
+/** What /health reports. `status` is "ok" only when the service can do its job now. */
+export interface HealthReport {
+  status: 'ok' | 'connecting' | 'reconnecting' | 'draining' | 'workers down' | 'stopped';
+  reason?: string;
+  amqp: { connected: boolean; blocked: boolean };
+  workers: { desired: number; up: number; busy: number };
+  tasksInFlight: number;
+}
+
+export interface HttpDeps {
+  health: () => HealthReport;
+  registry: Registry;
+  /** Starts the graceful drain; must be idempotent. */
+  requestShutdown: (reason: string) => void;
+  /** Unset disables POST /shutdown (403). */
+  shutdownToken: string | undefined;
+  logger: Logger;
+}
+
+/** The routes, named once so that the probes in deploy/ and compose can be checked against them. */
+export const ROUTES = {
+  health: '/health',
+  live: '/health/live',
+  ready: '/health/ready',
+  metrics: '/metrics',
+  shutdown: '/shutdown',
+} as const;
+
+export function buildServer(deps: HttpDeps): FastifyInstance {
+  const app = Fastify({
+    // At warn: a line per probe and scrape every few seconds would drown the task lines.
+    loggerInstance: deps.logger.child({ component: 'http' }, { level: 'warn' }) as FastifyBaseLogger,
+    return503OnClosing: false,
+  });
+
+  const sendHealth = async (_req: unknown, reply: FastifyReply) => {
+    const report = deps.health();
+    return reply.code(report.status === 'ok' ? 200 : 503).send(report);
+  };
+  app.get(ROUTES.health, sendHealth);
+  app.get(ROUTES.ready, sendHealth);
+  app.get(ROUTES.live, async () => ({ status: 'ok' }));
+
+  app.get(ROUTES.metrics, async (_req, reply) => {
+    const body = await deps.registry.metrics();
+    return reply.type(deps.registry.contentType).send(body);
+  });
+
+  app.post(ROUTES.shutdown, async (req, reply) => {
+    const verdict = checkBearer(req.headers.authorization, deps.shutdownToken);
+    if (verdict === 'disabled') {
+      return reply.code(403).send({ error: 'shutdown over HTTP is disabled: SHUTDOWN_TOKEN is not set' });
+    }
+    if (verdict === 'denied') {
+      return reply
+        .code(401)
+        .header('www-authenticate', 'Bearer')
+        .send({ error: 'a valid Authorization: Bearer token is required' });
+    }
+    req.log.info('shutdown requested over HTTP');
+    deps.requestShutdown('http');
+    return reply.code(202).send({ status: 'draining' });
+  });
+
+  return app;
+}
+
+export type BearerVerdict = 'ok' | 'denied' | 'disabled';
+
+/** Compares the bearer token in constant time, so that its length and content do not leak through timing. */
+export function checkBearer(header: string | undefined, token: string | undefined): BearerVerdict {
+  if (token === undefined || token === '') return 'disabled';
+  const match = /^Bearer (.+)$/i.exec(header ?? '');
+  if (!match?.[1]) return 'denied';
+  const given = Buffer.from(match[1]);
+  const expected = Buffer.from(token);
+  // timingSafeEqual needs equal lengths; compare against itself to keep the time flat.
+  const same = given.length === expected.length && timingSafeEqual(given, expected);
+  if (given.length !== expected.length) timingSafeEqual(expected, expected);
+  return same ? 'ok' : 'denied';
+}

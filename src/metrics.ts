@@ -1,0 +1,99 @@
+// Every metric lives in the master, in a registry that is passed in: the master sees
+// every task begin and end, so no aggregation across child processes is needed (and
+// prom-client's cluster aggregation works only with the `cluster` module anyway).
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
+
+export const METRIC_PREFIX = 'amqp_concurrency_';
+
+/** Label value for a func name that the task module does not export: keeps label sets bounded. */
+export const UNKNOWN_FUNC = '<unknown>';
+
+export type Metrics = ReturnType<typeof createMetrics>;
+
+/** Live state that gauges read when scraped, so that no gauge can drift from the truth. */
+export interface MetricSources {
+  workers: () => { idle: number; busy: number };
+  connected: () => boolean;
+}
+
+export function createMetrics(
+  registry: Registry = new Registry(),
+  opts: { defaultMetrics?: boolean; sources?: MetricSources } = {},
+) {
+  if (opts.defaultMetrics !== false) collectDefaultMetrics({ register: registry });
+  const registers = [registry];
+  const sources = opts.sources;
+  return {
+    registry,
+    tasksTotal: new Counter({
+      name: `${METRIC_PREFIX}tasks_total`,
+      help: 'Tasks that reached an outcome, by function and outcome.',
+      labelNames: ['func', 'outcome'] as const,
+      registers,
+    }),
+    taskDuration: new Histogram({
+      name: `${METRIC_PREFIX}task_duration_seconds`,
+      help: 'Time from handing a task to a worker until its outcome, in seconds.',
+      labelNames: ['func', 'outcome'] as const,
+      buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
+      registers,
+    }),
+    tasksInFlight: new Gauge({
+      name: `${METRIC_PREFIX}tasks_in_flight`,
+      help: 'Tasks running in a worker right now.',
+      registers,
+      collect() {
+        if (sources) this.set(sources.workers().busy);
+      },
+    }),
+    workers: new Gauge({
+      name: `${METRIC_PREFIX}workers`,
+      help: 'Worker processes by state.',
+      labelNames: ['state'] as const,
+      registers,
+      collect() {
+        if (!sources) return;
+        const { idle, busy } = sources.workers();
+        this.set({ state: 'idle' }, idle);
+        this.set({ state: 'busy' }, busy);
+      },
+    }),
+    workerRestarts: new Counter({
+      name: `${METRIC_PREFIX}worker_restarts_total`,
+      help: 'Workers replaced, by reason (timeout, crash, recycle).',
+      labelNames: ['reason'] as const,
+      registers,
+    }),
+    deadLettered: new Counter({
+      name: `${METRIC_PREFIX}messages_dead_lettered_total`,
+      help: 'Messages published to the dead-letter queue, by reason (the outcome).',
+      labelNames: ['reason'] as const,
+      registers,
+    }),
+    amqpConnected: new Gauge({
+      name: `${METRIC_PREFIX}amqp_connected`,
+      help: '1 while the consuming connection is open, else 0.',
+      registers,
+      collect() {
+        if (sources) this.set(sources.connected() ? 1 : 0);
+      },
+    }),
+    amqpReconnects: new Counter({
+      name: `${METRIC_PREFIX}amqp_reconnects_total`,
+      help: 'Connections to the broker re-established after a loss.',
+      registers,
+    }),
+  };
+}
+
+/** The names of the service's own metrics (without prom-client's process metrics). */
+export const SERVICE_METRIC_NAMES = [
+  'tasks_total',
+  'task_duration_seconds',
+  'tasks_in_flight',
+  'workers',
+  'worker_restarts_total',
+  'messages_dead_lettered_total',
+  'amqp_connected',
+  'amqp_reconnects_total',
+].map((n) => METRIC_PREFIX + n);

@@ -1,0 +1,193 @@
+// The service whole: pool, consuming and publishing connections, dispatcher, metrics and
+// HTTP, built from a Config. It never touches `process`: the CLI owns signals and exit
+// codes, so tests can build and stop a service in-process.
+import type { FastifyInstance } from 'fastify';
+import type { Logger } from 'pino';
+import { Registry } from 'prom-client';
+import { AmqpConsumer } from './amqp-consumer.ts';
+import { AmqpPublisher } from './amqp-publisher.ts';
+import { type Config, redactUrl } from './config.ts';
+import { Dispatcher } from './dispatcher.ts';
+import { ServiceError } from './errors.ts';
+import { buildServer, type HealthReport } from './http.ts';
+import { createMetrics, type Metrics } from './metrics.ts';
+import { WorkerPool } from './pool.ts';
+import { deadLetterQueueName } from './topology.ts';
+
+export interface ServiceOptions {
+  config: Config;
+  /** The task module as a file URL (see resolveTaskModule). */
+  moduleUrl: string;
+  logger: Logger;
+  registry?: Registry;
+}
+
+/** How the service ended: the exit code the CLI should use, and why. */
+export interface Ending {
+  code: number;
+  reason: string;
+}
+
+export class Service {
+  readonly config: Config;
+  readonly metrics: Metrics;
+  readonly pool: WorkerPool;
+  readonly consumer: AmqpConsumer;
+  readonly publisher: AmqpPublisher;
+  readonly dispatcher: Dispatcher;
+  readonly http: FastifyInstance;
+  readonly #log: Logger;
+  #draining: Promise<Ending> | undefined;
+  #resolveEnded: (ending: Ending) => void = () => {};
+  /** Resolves when the service has stopped, by a drain or a fatal error. */
+  readonly ended: Promise<Ending>;
+
+  constructor(opts: ServiceOptions) {
+    const { config, logger } = opts;
+    this.config = config;
+    this.#log = logger;
+    this.ended = new Promise((resolve) => {
+      this.#resolveEnded = resolve;
+    });
+    this.pool = new WorkerPool({
+      size: config.workers,
+      moduleUrl: opts.moduleUrl,
+      taskTimeoutMs: config.workerTimeout * 1000,
+      logger,
+    });
+    this.publisher = new AmqpPublisher({ url: config.amqpUrl, logger });
+    this.consumer = new AmqpConsumer({
+      url: config.amqpUrl,
+      topology: { exchange: config.exchange, queue: config.queue, routingKey: config.routingKey },
+      prefetch: config.prefetch,
+      logger,
+      onDelivery: (delivery) => this.dispatcher.handle(delivery),
+    });
+    this.metrics = createMetrics(opts.registry ?? new Registry(), {
+      sources: {
+        workers: () => this.pool.stats(),
+        connected: () => this.consumer.connected,
+      },
+    });
+    this.dispatcher = new Dispatcher({
+      pool: this.pool,
+      consumer: this.consumer,
+      publisher: this.publisher,
+      metrics: this.metrics,
+      logger,
+      deadLetterQueue: deadLetterQueueName(config.queue),
+      maxMessageBytes: config.maxMessageBytes,
+    });
+    this.pool.on('restart', (reason) => this.metrics.workerRestarts.inc({ reason }));
+    this.pool.on('fatal', (err) => this.#fail(err, 1));
+    this.consumer.on('reconnected', () => this.metrics.amqpReconnects.inc());
+    this.consumer.on('fatal', (err) => this.#fail(err, 2));
+    this.consumer.on('state', (state) => this.#log.debug({ state }, 'consumer state'));
+    this.http = buildServer({
+      health: () => this.health(),
+      registry: this.metrics.registry,
+      requestShutdown: (reason) => void this.drain(reason),
+      shutdownToken: config.shutdownToken,
+      logger,
+    });
+  }
+
+  /**
+   * Starts the workers (a task module that cannot load rejects with ERR_TASK_MODULE), then
+   * the HTTP server, then consuming. Resolves once listening; the broker may still be on
+   * its way, which /health tells.
+   */
+  async start(): Promise<void> {
+    const { config } = this;
+    this.#log.info(
+      {
+        workers: config.workers,
+        amqp: redactUrl(config.amqpUrl),
+        queue: config.queue,
+        prefetch: config.prefetch,
+        workerTimeout: config.workerTimeout,
+      },
+      'starting',
+    );
+    await this.pool.start();
+    try {
+      await this.http.listen({ host: config.httpHost, port: config.httpPort });
+    } catch (err) {
+      await this.pool.close(0);
+      throw new ServiceError(
+        'ERR_CONFIG',
+        `--http-port: cannot listen on ${config.httpHost}:${config.httpPort}: ${(err as Error).message}`,
+        { cause: err },
+      );
+    }
+    this.consumer.start();
+  }
+
+  /** The port the HTTP server listens on (useful with --http-port 0). */
+  get httpPort(): number {
+    const address = this.http.server.address();
+    return typeof address === 'object' && address !== null ? address.port : this.config.httpPort;
+  }
+
+  health(): HealthReport {
+    const stats = this.pool.stats();
+    const up = stats.idle + stats.busy;
+    const report: HealthReport = {
+      status: 'ok',
+      amqp: { connected: this.consumer.connected, blocked: this.consumer.blocked || this.publisher.blocked },
+      workers: { desired: stats.desired, up, busy: stats.busy },
+      tasksInFlight: stats.busy,
+    };
+    if (this.#draining !== undefined)
+      return { ...report, status: 'draining', reason: 'the service is shutting down' };
+    const state = this.consumer.state;
+    if (state === 'connecting')
+      return { ...report, status: 'connecting', reason: 'connecting to the broker' };
+    if (state !== 'consuming')
+      return { ...report, status: 'reconnecting', reason: 'the broker connection was lost' };
+    if (up < stats.desired) {
+      return { ...report, status: 'workers down', reason: `${up} of ${stats.desired} workers are up` };
+    }
+    return report;
+  }
+
+  /**
+   * The graceful drain (SPEC §5), idempotent: stop consuming, give back what has not
+   * started, let running tasks finish until the shutdown timeout (counted from now), settle
+   * them, stop the workers, close the connections, and the HTTP server last.
+   */
+  drain(reason: string, code = 0): Promise<Ending> {
+    this.#draining ??= Promise.race([this.#drain(reason, code), this.#overdue()]).then((ending) => {
+      this.#log.info(ending, 'stopped');
+      this.#resolveEnded(ending);
+      return ending;
+    });
+    return this.#draining;
+  }
+
+  /** A safety net past the shutdown timeout, for a broker that stops answering mid-drain. */
+  #overdue(): Promise<Ending> {
+    const ms = (this.config.shutdownTimeout + 15) * 1000;
+    return new Promise((resolve) => {
+      setTimeout(() => resolve({ code: 1, reason: 'the drain did not finish in time' }), ms).unref();
+    });
+  }
+
+  async #drain(reason: string, code: number): Promise<Ending> {
+    const graceMs = this.config.shutdownTimeout * 1000;
+    const deadline = performance.now() + graceMs;
+    this.#log.info({ reason, shutdownTimeout: this.config.shutdownTimeout }, 'draining');
+    await this.consumer.cancel();
+    const settled = this.dispatcher.drain();
+    await this.pool.close(Math.max(0, deadline - performance.now()));
+    await settled;
+    await Promise.all([this.consumer.close(), this.publisher.close()]);
+    await this.http.close();
+    return { code, reason };
+  }
+
+  #fail(err: ServiceError, code: number): void {
+    this.#log.fatal({ err }, 'cannot go on');
+    void this.drain(err.message, code);
+  }
+}

@@ -1,0 +1,27 @@
+// What a running task can learn about its delivery, without changing its signature:
+//
+//   import { currentTask } from 'amqp-concurrency';
+//   export async function charge(orderId) {
+//     if (currentTask()?.redelivered) { /* check whether it was charged already */ }
+//   }
+//
+// The storage hangs off a global symbol, so that a task module that imports another copy
+// of this package (its own node_modules) still sees the context the worker set.
+import { AsyncLocalStorage } from 'node:async_hooks';
+import type { TaskInfo } from './protocol.ts';
+
+export type { TaskInfo };
+
+const KEY = Symbol.for('amqp-concurrency.task-context');
+const holder = globalThis as { [KEY]?: AsyncLocalStorage<TaskInfo> };
+const storage: AsyncLocalStorage<TaskInfo> = holder[KEY] ?? new AsyncLocalStorage<TaskInfo>();
+holder[KEY] = storage;
+
+/** The delivery the calling task runs for, or undefined outside a task. */
+export function currentTask(): TaskInfo | undefined {
+  return storage.getStore();
+}
+
+export function runWithTask<T>(info: TaskInfo, fn: () => T): T {
+  return storage.run(info, fn);
+}
