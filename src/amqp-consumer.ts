@@ -123,8 +123,13 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#stopping = true;
     this.#wake?.();
     const connection = this.#connection;
+    const channel = this.#channel;
     this.#connection = undefined;
     this.#channel = undefined;
+    // The channel first: amqplib muxes each channel's frames separately, so a connection
+    // close can overtake acks still queued on the channel, and the broker would requeue
+    // messages we finished. Closing the channel sends its close after its own acks.
+    if (channel !== undefined) await channel.close().catch(() => {});
     if (connection !== undefined) await connection.close().catch(() => {});
     await this.#loop;
     this.#setState('closed');
