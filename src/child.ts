@@ -8,8 +8,9 @@ import { runWithTask } from './task-context.ts';
 import { loadTaskModule, type TaskFunction } from './task-module.ts';
 
 function send(message: ChildMessage): void {
-  // Once the master has gone there is nobody to tell; the disconnect handler exits.
-  if (process.connected) process.send?.(message);
+  // Once the master has gone there is nobody to tell; the disconnect handler exits. The
+  // callback keeps a failed write (EPIPE) from becoming an uncaught 'error' event.
+  if (process.connected) process.send?.(message, undefined, {}, () => {});
 }
 
 /**

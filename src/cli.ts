@@ -68,6 +68,7 @@ async function main(): Promise<void> {
   }
   logger.info({ port: service.httpPort }, 'ready');
   const ending = await service.ended;
+  if (ending.error !== undefined) die(ending.error);
   process.exit(ending.code);
 }
 

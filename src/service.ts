@@ -26,6 +26,8 @@ export interface ServiceOptions {
 export interface Ending {
   code: number;
   reason: string;
+  /** The error that stopped the service, when one did. */
+  error?: ServiceError;
 }
 
 export class Service {
@@ -156,8 +158,9 @@ export class Service {
    * started, let running tasks finish until the shutdown timeout (counted from now), settle
    * them, stop the workers, close the connections, and the HTTP server last.
    */
-  drain(reason: string, code = 0): Promise<Ending> {
-    this.#draining ??= Promise.race([this.#drain(reason, code), this.#overdue()]).then((ending) => {
+  drain(reason: string, code = 0, error?: ServiceError): Promise<Ending> {
+    this.#draining ??= Promise.race([this.#drain(reason, code), this.#overdue()]).then((drained) => {
+      const ending = error === undefined ? drained : { ...drained, error };
       this.#log.info(ending, 'stopped');
       this.#resolveEnded(ending);
       return ending;
@@ -188,6 +191,6 @@ export class Service {
 
   #fail(err: ServiceError, code: number): void {
     this.#log.fatal({ err }, 'cannot go on');
-    void this.drain(err.message, code);
+    void this.drain(err.message, code, err);
   }
 }
