@@ -1,0 +1,204 @@
+// Shared test plumbing: the broker URL, fresh queue names, a publishing/reading channel,
+// an in-process service, and a spawned CLI. Teardown is registered next to setup (t.after).
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
+import amqp, { type ChannelModel, type ConfirmChannel, type GetMessage, type Options } from 'amqplib';
+import pino from 'pino';
+import { type Config, parseConfig } from '../src/config.ts';
+import { Service } from '../src/service.ts';
+import { resolveTaskModule } from '../src/task-module.ts';
+
+export const AMQP_URL = process.env.AMQP_URL ?? 'amqp://testuser:testuser@localhost:5672/';
+export const ROOT = fileURLToPath(new URL('..', import.meta.url));
+export const FIXTURE_TASKS = fileURLToPath(new URL('./fixtures/tasks.ts', import.meta.url));
+export const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
+
+interface TestContext {
+  after: (fn: () => unknown) => void;
+  name: string;
+}
+
+/** A queue name no other test uses, readable in the management UI. */
+export function freshName(t: { name: string }): string {
+  const slug = t.name.replace(/[^a-z0-9]+/gi, '-').slice(0, 40);
+  return `test.${slug}.${randomUUID().slice(0, 8)}`;
+}
+
+/** Waits until `check` returns a truthy value, polling; fails with `what` after `timeoutMs`. */
+export async function waitFor<T>(what: string, check: () => T | Promise<T>, timeoutMs = 15_000): Promise<T> {
+  const start = performance.now();
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (performance.now() - start > timeoutMs)
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 25));
+  }
+}
+
+export interface Broker {
+  connection: ChannelModel;
+  channel: ConfirmChannel;
+  /** Publishes to the default exchange (straight to `queue`) and waits for the confirm. */
+  send(queue: string, body: unknown, options?: Options.Publish): Promise<void>;
+  /** Takes every message now in `queue` (no ack needed: they are gone). */
+  drainQueue(queue: string): Promise<GetMessage[]>;
+  /** Waits until `n` messages have been taken from `queue` (across polls), and returns them. */
+  take(queue: string, n: number, timeoutMs?: number): Promise<GetMessage[]>;
+  count(queue: string): Promise<number>;
+  /** Deletes the queues at teardown. */
+  cleanup(...queues: string[]): void;
+}
+
+export async function broker(t: TestContext): Promise<Broker> {
+  const connection = await amqp.connect(AMQP_URL);
+  const channel = await connection.createConfirmChannel();
+  channel.on('error', () => {});
+  const toDelete = new Set<string>();
+  t.after(async () => {
+    const ch = await connection.createChannel().catch(() => undefined);
+    for (const q of toDelete) await ch?.deleteQueue(q).catch(() => {});
+    await connection.close().catch(() => {});
+  });
+  return {
+    connection,
+    channel,
+    async send(queue, body, options = {}) {
+      const content = Buffer.isBuffer(body)
+        ? body
+        : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body));
+      await new Promise<void>((resolve, reject) =>
+        channel.sendToQueue(queue, content, { persistent: true, ...options }, (err) =>
+          err ? reject(err) : resolve(),
+        ),
+      );
+    },
+    async drainQueue(queue) {
+      const messages: GetMessage[] = [];
+      for (;;) {
+        const m = await channel.get(queue, { noAck: true });
+        if (m === false) return messages;
+        messages.push(m);
+      }
+    },
+    async take(queue, n, timeoutMs) {
+      const taken: GetMessage[] = [];
+      await waitFor(
+        `${n} messages in ${queue}`,
+        async () => {
+          taken.push(...(await this.drainQueue(queue)));
+          return taken.length >= n;
+        },
+        timeoutMs,
+      );
+      return taken;
+    },
+    async count(queue) {
+      const ok = await channel.checkQueue(queue);
+      return ok.messageCount;
+    },
+    cleanup(...queues) {
+      for (const q of queues) toDelete.add(q);
+    },
+  };
+}
+
+/** A config for tests: fresh queue and exchange, any free port, the fixture tasks. */
+export function testConfig(t: { name: string }, overrides: Partial<Config> = {}): Config {
+  const parsed = parseConfig([], {});
+  if (parsed.kind !== 'run') throw new Error('unreachable');
+  const queue = freshName(t);
+  return {
+    ...parsed.config,
+    amqpUrl: AMQP_URL,
+    queue,
+    exchange: `${queue}.x`,
+    routingKey: 'rk',
+    httpHost: '127.0.0.1',
+    httpPort: 0,
+    taskPath: FIXTURE_TASKS,
+    workers: 2,
+    workerTimeout: 5,
+    shutdownTimeout: 5,
+    logLevel: process.env.TEST_LOG_LEVEL ?? 'silent',
+    ...overrides,
+  };
+}
+
+/** Starts a service in-process and waits until it consumes; stops it and deletes its queues at teardown. */
+export async function startService(t: TestContext, b: Broker, config: Config): Promise<Service> {
+  const logger = pino({ level: config.logLevel });
+  const service = new Service({ config, moduleUrl: resolveTaskModule(config.taskPath, ROOT), logger });
+  b.cleanup(config.queue, `${config.queue}.dead`);
+  t.after(async () => {
+    await service.drain('test teardown');
+    const ch = await b.connection.createChannel().catch(() => undefined);
+    await ch?.deleteExchange(config.exchange).catch(() => {});
+  });
+  await service.start();
+  await waitFor('the service to consume', () => service.health().status === 'ok');
+  return service;
+}
+
+export interface SpawnedCli {
+  child: ChildProcess;
+  stdout: () => string;
+  stderr: () => string;
+  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  /** Parsed pino lines of stdout. */
+  logs: () => Record<string, unknown>[];
+}
+
+/** Runs the CLI as a user would (node src/cli.ts), killing it at teardown if it still runs. */
+export function spawnCli(t: TestContext, args: string[], env: Record<string, string> = {}): SpawnedCli {
+  const child = spawn(process.execPath, [CLI, ...args], {
+    cwd: ROOT,
+    env: { ...process.env, AMQP_URL, LOG_LEVEL: 'info', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let out = '';
+  let err = '';
+  child.stdout?.setEncoding('utf8').on('data', (d: string) => {
+    out += d;
+  });
+  child.stderr?.setEncoding('utf8').on('data', (d: string) => {
+    err += d;
+  });
+  const exit = once(child, 'exit').then(([code, signal]) => ({
+    code: code as number | null,
+    signal: signal as NodeJS.Signals | null,
+  }));
+  t.after(async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGKILL');
+      await exit;
+    }
+  });
+  return {
+    child,
+    stdout: () => out,
+    stderr: () => err,
+    exit,
+    logs: () =>
+      out
+        .split('\n')
+        .filter((l) => l.startsWith('{'))
+        .map((l) => JSON.parse(l) as Record<string, unknown>),
+  };
+}
+
+/** The port a spawned CLI listens on, from its 'ready' log line. */
+export async function readyPort(cli: SpawnedCli): Promise<number> {
+  const line = await waitFor('the service to log ready', () => cli.logs().find((l) => l.msg === 'ready'));
+  return line.port as number;
+}
+
+export async function getJson(
+  port: number,
+  path: string,
+): Promise<{ status: number; body: Record<string, unknown> }> {
+  const res = await fetch(`http://127.0.0.1:${port}${path}`);
+  return { status: res.status, body: (await res.json()) as Record<string, unknown> };
+}

@@ -1,0 +1,160 @@
+// The worker pool with real forked children, no broker.
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { pathToFileURL } from 'node:url';
+import pino from 'pino';
+import type { ServiceError } from '../../src/errors.ts';
+import { type TaskRequest, WorkerPool } from '../../src/pool.ts';
+import { FIXTURE_TASKS, waitFor } from '../helpers.ts';
+
+const logger = pino({ level: 'silent' });
+
+function request(func: string, args: unknown[] = []): TaskRequest {
+  return {
+    func,
+    args,
+    kwargs: undefined,
+    messageId: undefined,
+    redelivered: false,
+    attempt: 1,
+    wantResult: true,
+  };
+}
+
+function pool(
+  t: { after: (fn: () => unknown) => void },
+  opts: Partial<ConstructorParameters<typeof WorkerPool>[0]> = {},
+) {
+  const p = new WorkerPool({
+    size: 2,
+    moduleUrl: pathToFileURL(FIXTURE_TASKS).href,
+    taskTimeoutMs: 5_000,
+    logger,
+    ...opts,
+  });
+  t.after(() => p.close(0));
+  return p;
+}
+
+test('children say ready with the names they can run; tasks run and return', async (t) => {
+  const p = pool(t);
+  await p.start();
+  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 2, busy: 0, queued: 0 });
+  assert.ok(p.funcs.has('add') && p.funcs.has('sleep'));
+  assert.ok(!p.funcs.has('default'));
+  const results = await Promise.all([p.run(request('add', [1, 2])), p.run(request('echo', ['x']))]);
+  assert.deepEqual(
+    results.map((r) => (r.outcome === 'succeeded' ? r.resultJson : r.outcome)),
+    ['3', '["x"]'],
+  );
+});
+
+test('one task at a time per worker: the third waits for a free worker', async (t) => {
+  const p = pool(t);
+  await p.start();
+  const runs = [p.run(request('sleep', [0.3])), p.run(request('sleep', [0.3])), p.run(request('pid'))];
+  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 0, busy: 2, queued: 1 });
+  const results = await Promise.all(runs);
+  assert.deepEqual(
+    results.map((r) => r.outcome),
+    ['succeeded', 'succeeded', 'succeeded'],
+  );
+  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 2, busy: 0, queued: 0 });
+});
+
+test('a module that fails to load rejects start with ERR_TASK_MODULE and leaves no child behind', async (t) => {
+  const p = pool(t, { moduleUrl: new URL('../fixtures/broken-tasks.ts', import.meta.url).href });
+  await assert.rejects(p.start(), (err: ServiceError) => {
+    assert.equal(err.code, 'ERR_TASK_MODULE');
+    assert.match(err.message, /broken on purpose/);
+    return true;
+  });
+  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 0, busy: 0, queued: 0 });
+});
+
+test('the master kills a task past its deadline, waits for the exit, then refills the slot', async (t) => {
+  const p = pool(t, { size: 1, taskTimeoutMs: 300 });
+  await p.start();
+  const before = await p.run(request('pid'));
+  const restarts: string[] = [];
+  p.on('restart', (reason) => restarts.push(reason));
+  const spun = await p.run(request('spin'));
+  assert.equal(spun.outcome, 'timeout');
+  assert.ok(spun.outcome === 'timeout' && spun.durationMs >= 290);
+  const after = await p.run(request('pid'));
+  assert.equal(after.outcome, 'succeeded');
+  assert.notEqual(
+    before.outcome === 'succeeded' && before.resultJson,
+    after.outcome === 'succeeded' && after.resultJson,
+    'a new process',
+  );
+  assert.deepEqual(restarts, ['timeout']);
+});
+
+test('a death while busy is crashed; an idle death is a crash restart too', async (t) => {
+  const p = pool(t, { size: 1 });
+  await p.start();
+  const restarts: string[] = [];
+  p.on('restart', (reason) => restarts.push(reason));
+  const crashed = await p.run(request('crash', [9]));
+  assert.equal(crashed.outcome, 'crashed');
+  assert.match(crashed.outcome === 'crashed' ? crashed.error.message : '', /exit code 9/);
+  await waitFor('the pool to refill', () => p.stats().idle === 1);
+  const pidResult = await p.run(request('pid'));
+  const pid = Number(pidResult.outcome === 'succeeded' ? pidResult.resultJson : 0);
+  process.kill(pid, 'SIGKILL');
+  await waitFor('the second restart', () => restarts.length === 2);
+  await waitFor('the pool to refill again', () => p.stats().idle === 1);
+  assert.deepEqual(restarts, ['crash', 'crash']);
+});
+
+test('close gives back queued tasks at once and lets running ones finish', async (t) => {
+  const p = pool(t, { size: 1 });
+  await p.start();
+  const running = p.run(request('sleep', [0.3]));
+  const queued = p.run(request('add', [1, 1]));
+  await waitFor('the first task to start', () => p.stats().busy === 1);
+  const closing = p.close(5_000);
+  assert.deepEqual(await queued, { outcome: 'returned', reason: 'not started before shutdown' });
+  assert.equal((await running).outcome, 'succeeded');
+  await closing;
+  assert.deepEqual(await p.run(request('add', [1, 1])), {
+    outcome: 'returned',
+    reason: 'the pool is closing',
+  });
+});
+
+test('close kills what still runs at the deadline and gives it back', async (t) => {
+  const p = pool(t, { size: 1 });
+  await p.start();
+  const running = p.run(request('sleep', [30]));
+  await waitFor('the task to start', () => p.stats().busy === 1);
+  await p.close(100);
+  assert.deepEqual(await running, { outcome: 'returned', reason: 'still running at the shutdown deadline' });
+});
+
+test('replacements that keep failing to boot make the pool give up instead of looping', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'pool-boot-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const flag = join(dir, 'broken');
+  const module = join(dir, 'tasks.mjs');
+  writeFileSync(
+    module,
+    `import { existsSync } from 'node:fs';
+     if (existsSync(${JSON.stringify(flag)})) throw new Error('now broken');
+     export function crash() { process.exit(1); }`,
+  );
+  const p = pool(t, { size: 1, moduleUrl: pathToFileURL(module).href, maxBootFailures: 3 });
+  await p.start();
+  writeFileSync(flag, '');
+  const fatal = once(p, 'fatal');
+  await p.run(request('crash'));
+  const [err] = (await fatal) as [ServiceError];
+  assert.equal(err.code, 'ERR_WORKER_BOOT');
+  assert.match(err.message, /3 times in a row.*now broken/);
+  assert.equal(p.stats().idle + p.stats().starting, 0);
+});
