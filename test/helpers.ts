@@ -27,11 +27,15 @@ export function freshName(t: { name: string }): string {
 }
 
 /** Waits until `check` returns a truthy value, polling; fails with `what` after `timeoutMs`. */
-export async function waitFor<T>(what: string, check: () => T | Promise<T>, timeoutMs = 15_000): Promise<T> {
+export async function waitFor<T>(
+  what: string,
+  check: () => T | Promise<T>,
+  timeoutMs = 15_000,
+): Promise<NonNullable<T>> {
   const start = performance.now();
   for (;;) {
     const value = await check();
-    if (value) return value;
+    if (value) return value as NonNullable<T>;
     if (performance.now() - start > timeoutMs)
       throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 25));
@@ -62,9 +66,18 @@ export async function broker(t: TestContext): Promise<Broker> {
     for (const q of toDelete) await ch?.deleteQueue(q).catch(() => {});
     await connection.close().catch(() => {});
   });
+  const drainQueue = async (queue: string) => {
+    const messages: GetMessage[] = [];
+    for (;;) {
+      const m = await channel.get(queue, { noAck: true });
+      if (m === false) return messages;
+      messages.push(m);
+    }
+  };
   return {
     connection,
     channel,
+    drainQueue,
     async send(queue, body, options = {}) {
       const content = Buffer.isBuffer(body)
         ? body
@@ -75,20 +88,12 @@ export async function broker(t: TestContext): Promise<Broker> {
         ),
       );
     },
-    async drainQueue(queue) {
-      const messages: GetMessage[] = [];
-      for (;;) {
-        const m = await channel.get(queue, { noAck: true });
-        if (m === false) return messages;
-        messages.push(m);
-      }
-    },
     async take(queue, n, timeoutMs) {
       const taken: GetMessage[] = [];
       await waitFor(
         `${n} messages in ${queue}`,
         async () => {
-          taken.push(...(await this.drainQueue(queue)));
+          taken.push(...(await drainQueue(queue)));
           return taken.length >= n;
         },
         timeoutMs,
