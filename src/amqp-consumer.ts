@@ -86,8 +86,13 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     return true;
   }
 
+  /** Whether the channel that delivered it is still ours and open: only then may it be settled. */
+  isLive(delivery: Delivery): boolean {
+    return delivery.channel === this.#channel;
+  }
+
   #isLive(delivery: Delivery): boolean {
-    const live = delivery.channel === this.#channel;
+    const live = this.isLive(delivery);
     if (!live) {
       this.#log.debug(
         { deliveryTag: delivery.message.fields.deliveryTag },

@@ -19,6 +19,11 @@ export interface Config {
   shutdownToken: string | undefined;
   maxMessageBytes: number;
   logLevel: string;
+  maxRetries: number;
+  retryDelay: number; // seconds, doubled per attempt
+  retryDelayMax: number; // seconds
+  queueType: 'classic' | 'quorum';
+  deliveryLimit: number;
 }
 
 export type ParseResult = { kind: 'run'; config: Config } | { kind: 'help' } | { kind: 'version' };
@@ -35,7 +40,16 @@ export function defaultPrefetch(workers: number): number {
   return Math.min(1000, Math.max(16, workers * 16));
 }
 
-type Kind = 'count' | 'port' | 'seconds' | 'string' | 'amqp-url' | 'bytes' | 'level';
+type Kind =
+  | 'count'
+  | 'count0'
+  | 'port'
+  | 'seconds'
+  | 'string'
+  | 'amqp-url'
+  | 'bytes'
+  | 'level'
+  | 'queue-type';
 
 interface OptionSpec {
   key: Exclude<keyof Config, 'shutdownToken'>;
@@ -148,6 +162,46 @@ const OPTIONS: readonly OptionSpec[] = [
     help: 'larger bodies are dead-lettered as rejected (default 1048576)',
   },
   {
+    key: 'maxRetries',
+    flag: '--max-retries',
+    env: 'MAX_RETRIES',
+    kind: 'count0',
+    arg: 'N',
+    help: 'runs again after a failure, timeout or crash before the message is dead-lettered (default 0)',
+  },
+  {
+    key: 'retryDelay',
+    flag: '--retry-delay',
+    env: 'RETRY_DELAY',
+    kind: 'seconds',
+    arg: 'SECONDS',
+    help: 'wait before the first retry; doubles with each attempt (default 1)',
+  },
+  {
+    key: 'retryDelayMax',
+    flag: '--retry-delay-max',
+    env: 'RETRY_DELAY_MAX',
+    kind: 'seconds',
+    arg: 'SECONDS',
+    help: 'cap of the retry wait (default 300)',
+  },
+  {
+    key: 'queueType',
+    flag: '--queue-type',
+    env: 'QUEUE_TYPE',
+    kind: 'queue-type',
+    arg: 'TYPE',
+    help: 'classic, or quorum for a RabbitMQ cluster (default classic)',
+  },
+  {
+    key: 'deliveryLimit',
+    flag: '--delivery-limit',
+    env: 'DELIVERY_LIMIT',
+    kind: 'count',
+    arg: 'N',
+    help: 'quorum queues: deliveries before the broker dead-letters a message that kills its master (default 10)',
+  },
+  {
     key: 'logLevel',
     flag: '--log-level',
     env: 'LOG_LEVEL',
@@ -170,6 +224,11 @@ const DEFAULTS: Omit<Config, 'prefetch' | 'shutdownToken'> = {
   shutdownTimeout: 30,
   maxMessageBytes: 1024 * 1024,
   logLevel: 'info',
+  maxRetries: 0,
+  retryDelay: 1,
+  retryDelayMax: 300,
+  queueType: 'classic',
+  deliveryLimit: 10,
 };
 
 const LEVELS = new Set(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']);
@@ -185,6 +244,15 @@ function convert(spec: OptionSpec, name: string, raw: string): string | number {
       if (!/^\d+$/.test(raw.trim()) || Number(raw) < 1 || !Number.isSafeInteger(Number(raw)))
         fail(name, `must be a whole number of at least 1 (got ${shown})`);
       return Number(raw);
+    }
+    case 'count0': {
+      if (!/^\d+$/.test(raw.trim()) || !Number.isSafeInteger(Number(raw)))
+        fail(name, `must be a whole number of at least 0 (got ${shown})`);
+      return Number(raw);
+    }
+    case 'queue-type': {
+      if (raw !== 'classic' && raw !== 'quorum') fail(name, `must be classic or quorum (got ${shown})`);
+      return raw;
     }
     case 'bytes': {
       if (!/^\d+$/.test(raw.trim()) || Number(raw) < 1 || !Number.isSafeInteger(Number(raw)))

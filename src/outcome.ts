@@ -20,8 +20,13 @@ export interface Publication {
 export interface OutcomePlan {
   /** Undefined when the message was given back unfinished: no outcome is counted. */
   outcome: Outcome | undefined;
-  /** Published (and confirmed) before the original is settled. */
+  /**
+   * Published (and confirmed) before the original is settled: the dead letter, or the
+   * retry copy (see `retry`) on its way back through a TTL queue.
+   */
   deadLetter: Publication | undefined;
+  /** True when `deadLetter` is a retry, not the end of the message. */
+  retry: boolean;
   reply: Publication | undefined;
   settle: 'ack' | 'requeue';
 }
@@ -30,6 +35,8 @@ export interface PlanContext {
   deadLetterQueue: string;
   /** 1 for the first run of this message. */
   attempt: number;
+  /** The TTL queue of the next retry, when this attempt may be retried. */
+  retryQueue: string | undefined;
 }
 
 const MAX_ERROR_MESSAGE = 1_000;
@@ -47,7 +54,13 @@ function errorOf(ending: Ending): { kind: Outcome; message: string } | undefined
   }
 }
 
-/** The original's properties, fit to be published again as a dead letter. */
+/** The attempt a delivery is, from our own header (never x-death, which RabbitMQ 4 ignores from clients). */
+export function attemptOf(message: ConsumeMessage): number {
+  const previous = message.properties.headers?.['x-attempts'];
+  return typeof previous === 'number' && Number.isSafeInteger(previous) && previous >= 0 ? previous + 1 : 1;
+}
+
+/** The original's properties, fit to be published again as a dead letter or a retry. */
 function deadLetterOptions(
   message: ConsumeMessage,
   kind: Outcome,
@@ -93,26 +106,31 @@ function replyTo(message: ConsumeMessage, body: string): Publication | undefined
 
 export function planOutcome(message: ConsumeMessage, ending: Ending, ctx: PlanContext): OutcomePlan {
   if (ending.outcome === 'returned') {
-    return { outcome: undefined, deadLetter: undefined, reply: undefined, settle: 'requeue' };
+    return { outcome: undefined, deadLetter: undefined, retry: false, reply: undefined, settle: 'requeue' };
   }
   if (ending.outcome === 'succeeded') {
     return {
       outcome: 'succeeded',
       deadLetter: undefined,
+      retry: false,
       reply: replyTo(message, `{"ok":true,"result":${ending.resultJson ?? 'null'}}`),
       settle: 'ack',
     };
   }
   const error = errorOf(ending) as { kind: Outcome; message: string };
+  // A malformed message fails the same way every time: it is never retried.
+  const retryQueue = error.kind === 'rejected' ? undefined : ctx.retryQueue;
   return {
     outcome: error.kind,
     deadLetter: {
       exchange: '',
-      routingKey: ctx.deadLetterQueue,
+      routingKey: retryQueue ?? ctx.deadLetterQueue,
       content: message.content,
       options: deadLetterOptions(message, error.kind, error.message, ctx.attempt),
     },
-    reply: replyTo(message, JSON.stringify({ ok: false, error })),
+    retry: retryQueue !== undefined,
+    // The caller hears once, at the end: not while retries remain.
+    reply: retryQueue === undefined ? replyTo(message, JSON.stringify({ ok: false, error })) : undefined,
     settle: 'ack',
   };
 }

@@ -12,7 +12,10 @@ import { ServiceError } from './errors.ts';
 import { buildServer, type HealthReport } from './http.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
 import { WorkerPool } from './pool.ts';
-import { deadLetterQueueName } from './topology.ts';
+import { deadLetterQueueName, retryDelays, type Topology } from './topology.ts';
+
+/** RabbitMQ's default delivery-acknowledgement timeout (consumer_timeout), in seconds. */
+const BROKER_CONSUMER_TIMEOUT_S = 1800;
 
 export interface ServiceOptions {
   config: Config;
@@ -58,9 +61,17 @@ export class Service {
       logger,
     });
     this.publisher = new AmqpPublisher({ url: config.amqpUrl, logger });
+    const topology: Topology = {
+      exchange: config.exchange,
+      queue: config.queue,
+      routingKey: config.routingKey,
+      queueType: config.queueType,
+      deliveryLimit: config.deliveryLimit,
+      retryDelaysMs: retryDelays(config.maxRetries, config.retryDelay * 1000, config.retryDelayMax * 1000),
+    };
     this.consumer = new AmqpConsumer({
       url: config.amqpUrl,
-      topology: { exchange: config.exchange, queue: config.queue, routingKey: config.routingKey },
+      topology,
       prefetch: config.prefetch,
       logger,
       onDelivery: (delivery) => this.dispatcher.handle(delivery),
@@ -77,8 +88,10 @@ export class Service {
       publisher: this.publisher,
       metrics: this.metrics,
       logger,
+      queue: config.queue,
       deadLetterQueue: deadLetterQueueName(config.queue),
       maxMessageBytes: config.maxMessageBytes,
+      retryDelaysMs: topology.retryDelaysMs,
     });
     this.pool.on('restart', (reason) => this.metrics.workerRestarts.inc({ reason }));
     this.pool.on('fatal', (err) => this.#fail(err, 1));
@@ -111,6 +124,7 @@ export class Service {
       },
       'starting',
     );
+    this.#warnAboutConsumerTimeout();
     await this.pool.start();
     try {
       await this.http.listen({ host: config.httpHost, port: config.httpPort });
@@ -123,6 +137,28 @@ export class Service {
       );
     }
     this.consumer.start();
+  }
+
+  /**
+   * The broker closes the channel of a consumer that holds a delivery unacked longer than
+   * its consumer_timeout (30 min by default). A delivery can wait in our buffer behind
+   * others before it even starts, so the worst case is the timeout times the deliveries a
+   * worker may have queued. Say so at start-up rather than let the broker fire first.
+   */
+  #warnAboutConsumerTimeout(): void {
+    const { workerTimeout, prefetch, workers } = this.config;
+    const worstHoldS = workerTimeout * Math.ceil(prefetch / workers);
+    if (workerTimeout >= BROKER_CONSUMER_TIMEOUT_S) {
+      this.#log.warn(
+        { workerTimeout, consumerTimeout: BROKER_CONSUMER_TIMEOUT_S },
+        "--worker-timeout is not below RabbitMQ's default consumer_timeout: raise consumer_timeout on the broker, or the broker closes the channel before the task is killed",
+      );
+    } else if (worstHoldS >= BROKER_CONSUMER_TIMEOUT_S) {
+      this.#log.warn(
+        { workerTimeout, prefetch, workers, worstHoldS, consumerTimeout: BROKER_CONSUMER_TIMEOUT_S },
+        "a prefetched message could wait unacked past RabbitMQ's default consumer_timeout: lower --prefetch or --worker-timeout",
+      );
+    }
   }
 
   /** The port the HTTP server listens on (useful with --http-port 0). */

@@ -1,5 +1,7 @@
 // The broker objects the service needs, declared on every (re)connect: a durable direct
-// exchange, the durable work queue bound to it, and the durable `<queue>.dead`.
+// exchange, the durable work queue bound to it (classic or quorum), the durable
+// `<queue>.dead`, and one TTL queue per retry delay, which dead-letters back to the work
+// queue when the delay is over (retries with no broker plugin).
 import type { Channel } from 'amqplib';
 import { ServiceError } from './errors.ts';
 
@@ -7,10 +9,42 @@ export interface Topology {
   exchange: string;
   queue: string;
   routingKey: string;
+  queueType: 'classic' | 'quorum';
+  /** Quorum queues only: deliveries before the broker dead-letters a message itself. */
+  deliveryLimit: number;
+  /** The delay before retry k (1-based), in ms; its length is the number of retries. */
+  retryDelaysMs: readonly number[];
 }
 
 export function deadLetterQueueName(queue: string): string {
   return `${queue}.dead`;
+}
+
+/** A TTL queue per delay: a changed delay is a new name, never a clashing redeclare. */
+export function retryQueueName(queue: string, delayMs: number): string {
+  return `${queue}.retry.${delayMs}ms`;
+}
+
+/** Retry k waits base * 2^(k-1), capped: the delays of every retry up to `retries`. */
+export function retryDelays(retries: number, baseMs: number, maxMs: number): number[] {
+  return Array.from({ length: retries }, (_, k) => Math.round(Math.min(maxMs, baseMs * 2 ** k)));
+}
+
+function workQueueArguments(topology: Topology): Record<string, unknown> {
+  if (topology.queueType === 'classic') return {};
+  return {
+    'x-queue-type': 'quorum',
+    // Deliberate, not RabbitMQ 4's default of 20: a message that kills the master again and
+    // again (so that we never settle it) ends in our dead-letter queue, with the broker's
+    // x-death reason `delivery_limit`, instead of looping or being dropped.
+    'x-delivery-limit': topology.deliveryLimit,
+    'x-dead-letter-exchange': '',
+    'x-dead-letter-routing-key': deadLetterQueueName(topology.queue),
+    // at-least-once dead-lettering needs reject-publish; with it the broker keeps the message
+    // until the dead-letter queue has confirmed it.
+    'x-dead-letter-strategy': 'at-least-once',
+    'x-overflow': 'reject-publish',
+  };
 }
 
 /** Declares the topology. A clash with an existing queue or exchange is ERR_TOPOLOGY, with a hint. */
@@ -25,7 +59,7 @@ export async function declareTopology(channel: Channel, topology: Topology): Pro
           'ERR_TOPOLOGY',
           `${what} exists with other settings than this service declares (${(err as Error).message}). ` +
             'The Python tool declared a non-durable queue: delete it once (rabbitmqctl delete_queue NAME) ' +
-            'or use another --queue / --exchange.',
+            'or use another --queue / --exchange; a queue cannot change between classic and quorum either.',
           { cause: err },
         );
       }
@@ -35,9 +69,24 @@ export async function declareTopology(channel: Channel, topology: Topology): Pro
   await step(`exchange ${JSON.stringify(exchange)}`, () =>
     channel.assertExchange(exchange, 'direct', { durable: true }),
   );
-  await step(`queue ${JSON.stringify(queue)}`, () => channel.assertQueue(queue, { durable: true }));
+  await step(`queue ${JSON.stringify(queue)}`, () =>
+    channel.assertQueue(queue, { durable: true, arguments: workQueueArguments(topology) }),
+  );
   await step(`queue ${JSON.stringify(deadLetterQueueName(queue))}`, () =>
     channel.assertQueue(deadLetterQueueName(queue), { durable: true }),
   );
+  for (const delayMs of new Set(topology.retryDelaysMs)) {
+    const name = retryQueueName(queue, delayMs);
+    await step(`queue ${JSON.stringify(name)}`, () =>
+      channel.assertQueue(name, {
+        durable: true,
+        arguments: {
+          'x-message-ttl': delayMs,
+          'x-dead-letter-exchange': '',
+          'x-dead-letter-routing-key': queue,
+        },
+      }),
+    );
+  }
   await channel.bindQueue(queue, exchange, routingKey);
 }
