@@ -1,0 +1,260 @@
+// Faults made on the real broker and the real processes, mid-load. Each test publishes
+// with confirms and accounts for every message: ran (replied), dead-lettered or still
+// queued; none lost; duplicates counted and reported.
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { closeConnections, faultsUnavailable, startBroker, stopBroker } from '../broker-faults.ts';
+import {
+  type Broker,
+  broker,
+  FIXTURE_TASKS,
+  freshName,
+  getJson,
+  readyPort,
+  spawnCli,
+  startService,
+  testConfig,
+  waitFor,
+} from '../helpers.ts';
+
+const skip = faultsUnavailable();
+
+function runsFile(t: { after: (fn: () => unknown) => void }): string {
+  const dir = mkdtempSync(join(tmpdir(), 'faults-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  return join(dir, 'runs.txt');
+}
+
+function runCounts(path: string): Map<string, number> {
+  const counts = new Map<string, number>();
+  if (!existsSync(path)) return counts;
+  for (const id of readFileSync(path, 'utf8').split('\n')) {
+    if (id !== '') counts.set(id, (counts.get(id) ?? 0) + 1);
+  }
+  return counts;
+}
+
+/** Publishes `n` record tasks with ids `m0..m{n-1}`, each replying to `replyTo`. */
+async function publishLoad(b: Broker, queue: string, path: string, n: number, replyTo: string, ms = 5) {
+  for (let i = 0; i < n; i++) {
+    await b.send(
+      queue,
+      { func: 'record', args: [path, `m${i}`, ms] },
+      { messageId: `m${i}`, replyTo, correlationId: `m${i}` },
+    );
+  }
+}
+
+/** Waits until every id has a reply; returns the ids that were replied to more than once. */
+async function everyIdReplied(b: Broker, replyQueue: string, n: number, timeoutMs = 60_000) {
+  const replied = new Map<string, number>();
+  await waitFor(
+    `replies to all ${n} messages`,
+    async () => {
+      for (const m of await b.drainQueue(replyQueue)) {
+        const id = String(m.properties.correlationId);
+        assert.deepEqual(JSON.parse(String(m.content)), { ok: true, result: id });
+        replied.set(id, (replied.get(id) ?? 0) + 1);
+      }
+      return replied.size === n;
+    },
+    timeoutMs,
+  );
+  return replied;
+}
+
+function report(t: { diagnostic: (msg: string) => void }, runs: Map<string, number>, n: number) {
+  const duplicates = [...runs.values()].reduce((sum, c) => sum + c - 1, 0);
+  t.diagnostic(`${n} messages, ${runs.size} ran, ${duplicates} duplicate runs`);
+  return duplicates;
+}
+
+test('two forced closes under load lose nothing; the service reconnects without a restart', {
+  skip,
+}, async (t) => {
+  const b = await broker(t);
+  const service = await startService(t, b, testConfig(t, { workers: 2, prefetch: 20 }));
+  const q = service.config.queue;
+  const path = runsFile(t);
+  const replies = await b.channel.assertQueue('', { exclusive: true });
+  const n = 300;
+  const publishing = publishLoad(b, q, path, n, replies.queue);
+  const pidTag = `(pid ${process.pid})`;
+  for (let round = 1; round <= 2; round++) {
+    await waitFor('some progress', () => runCounts(path).size >= (n / 3) * round);
+    assert.ok(closeConnections(pidTag) >= 1, 'closed our connections');
+    await waitFor('a reconnect', () => service.health().status !== 'ok', 5_000).catch(() => {});
+    await waitFor('healthy again', () => service.health().status === 'ok', 10_000);
+  }
+  await publishing;
+  await everyIdReplied(b, replies.queue, n);
+  const runs = runCounts(path);
+  assert.equal(runs.size, n, 'every message ran');
+  const duplicates = report(t, runs, n);
+  assert.ok(duplicates <= 2 * 20, `duplicates bounded by what was in flight (${duplicates})`);
+  assert.equal(await b.count(q), 0);
+  assert.equal(await b.count(`${q}.dead`), 0);
+  const metrics = await service.metrics.registry.metrics();
+  assert.match(metrics, /^amqp_concurrency_amqp_reconnects_total 2$/m);
+  assert.match(metrics, /^amqp_concurrency_amqp_connected 1$/m);
+});
+
+test('a busy worker killed from outside loses nothing: the task is retried and the pool refills', {
+  skip,
+}, async (t) => {
+  const b = await broker(t);
+  const service = await startService(
+    t,
+    b,
+    testConfig(t, { workers: 2, maxRetries: 1, retryDelay: 0.05, shutdownTimeout: 0.5 }),
+  );
+  const q = service.config.queue;
+  b.cleanup(`${q}.retry.50ms`);
+  const path = runsFile(t);
+  const replies = await b.channel.assertQueue('', { exclusive: true });
+  await b.send(
+    q,
+    { func: 'record', args: [path, 'victim', 60_000] },
+    { messageId: 'victim', replyTo: replies.queue },
+  );
+  await waitFor('the task to start', () => runCounts(path).get('victim') === 1);
+  const children = (await import('node:child_process'))
+    .execFileSync('ps', ['-o', 'pid=', '--ppid', String(process.pid)], { encoding: 'utf8' })
+    .trim()
+    .split('\n')
+    .map(Number);
+  // Kill the busy one: the one whose /proc cmdline is a worker and which is busy. Kill all
+  // workers: the idle one's death must not disturb anything either.
+  let killed = 0;
+  for (const pid of children) {
+    const cmd = existsSync(`/proc/${pid}/cmdline`) ? readFileSync(`/proc/${pid}/cmdline`, 'utf8') : '';
+    if (cmd.includes('child.ts')) {
+      process.kill(pid, 'SIGKILL');
+      killed++;
+    }
+  }
+  assert.equal(killed, 2);
+  await waitFor('the retry to start', () => runCounts(path).get('victim') === 2);
+  await waitFor('the pool to refill', () => service.health().workers.up === 2);
+  assert.equal(await b.count(`${q}.dead`), 0);
+  const metrics = await service.metrics.registry.metrics();
+  assert.match(metrics, /^amqp_concurrency_worker_restarts_total\{reason="crash"\} 2$/m);
+  assert.match(metrics, /^amqp_concurrency_tasks_total\{func="record",outcome="crashed"\} 1$/m);
+});
+
+test('a master killed with SIGKILL loses nothing: a new one runs what was not acked', { skip }, async (t) => {
+  const b = await broker(t);
+  const queue = freshName(t);
+  b.cleanup(queue, `${queue}.dead`);
+  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
+  const args = [
+    '--queue',
+    queue,
+    '--exchange',
+    `${queue}.x`,
+    '--http-port',
+    '0',
+    '--task-path',
+    FIXTURE_TASKS,
+  ];
+  const path = runsFile(t);
+  const replies = await b.channel.assertQueue('', { exclusive: true });
+  const n = 200;
+  const first = spawnCli(t, [...args, '--workers', '2', '--prefetch', '50']);
+  const port = await readyPort(first);
+  await waitFor('the queue to exist', async () => (await getJson(port, '/health')).status === 200);
+  await publishLoad(b, queue, path, n, replies.queue, 10);
+  await waitFor('some progress', () => runCounts(path).size >= 50);
+  first.child.kill('SIGKILL');
+  await first.exit;
+  const second = spawnCli(t, [...args, '--workers', '2']);
+  await readyPort(second);
+  await everyIdReplied(b, replies.queue, n);
+  const runs = runCounts(path);
+  assert.equal(runs.size, n);
+  report(t, runs, n);
+  assert.equal(await b.count(queue), 0);
+  second.child.kill('SIGTERM');
+  assert.equal((await second.exit).code, 0);
+});
+
+test('a broker restart under load loses nothing; healthy again within seconds of its return', {
+  skip,
+}, async (t) => {
+  const b0 = await broker(t);
+  const service = await startService(t, b0, testConfig(t, { workers: 2, prefetch: 20 }));
+  const q = service.config.queue;
+  const path = runsFile(t);
+  const n = 200;
+  // The test's own connection dies with the broker too: publish, restart, then read on a new one.
+  const replies = `${q}.replies`;
+  await b0.channel.assertQueue(replies, { durable: true });
+  b0.cleanup(replies);
+  await publishLoad(b0, q, path, n, replies, 10);
+  await waitFor('some progress', () => runCounts(path).size >= 40);
+  let restarted = false;
+  t.after(() => {
+    if (!restarted) startBroker();
+  });
+  stopBroker();
+  await waitFor(
+    '/health to say the broker is gone',
+    () => service.health().status === 'reconnecting',
+    10_000,
+  );
+  startBroker();
+  restarted = true;
+  const back = performance.now();
+  await waitFor('healthy again', () => service.health().status === 'ok', 30_000);
+  t.diagnostic(`healthy ${Math.round(performance.now() - back)} ms after the broker's return`);
+  const b = await broker(t);
+  b.cleanup(q, `${q}.dead`, replies);
+  await everyIdReplied(b, replies, n);
+  const runs = runCounts(path);
+  assert.equal(runs.size, n);
+  report(t, runs, n);
+  assert.equal(await b.count(q), 0);
+  assert.equal(await b.count(`${q}.dead`), 0);
+});
+
+test('started while the broker is down, it stays up with /health 503 and connects when the broker returns', {
+  skip,
+}, async (t) => {
+  const queue = freshName(t);
+  let restarted = false;
+  t.after(() => {
+    if (!restarted) startBroker();
+  });
+  stopBroker();
+  const cli = spawnCli(t, [
+    '--queue',
+    queue,
+    '--exchange',
+    `${queue}.x`,
+    '--http-port',
+    '0',
+    '--task-path',
+    FIXTURE_TASKS,
+  ]);
+  const port = await readyPort(cli);
+  const down = await getJson(port, '/health');
+  assert.equal(down.status, 503);
+  assert.equal(down.body.status, 'connecting');
+  const ready = await fetch(`http://127.0.0.1:${port}/health/live`);
+  assert.equal(ready.status, 200, 'alive all the same');
+  startBroker();
+  restarted = true;
+  await waitFor('healthy', async () => (await getJson(port, '/health')).status === 200, 30_000);
+  const b = await broker(t);
+  b.cleanup(queue, `${queue}.dead`);
+  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
+  const replies = await b.channel.assertQueue('', { exclusive: true });
+  await b.send(queue, { func: 'add', args: [2, 2] }, { replyTo: replies.queue });
+  const [reply] = await b.take(replies.queue, 1);
+  assert.deepEqual(JSON.parse(String(reply?.content)), { ok: true, result: 4 });
+  cli.child.kill('SIGTERM');
+  assert.equal((await cli.exit).code, 0);
+});
