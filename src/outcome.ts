@@ -98,7 +98,12 @@ function deadLetterOptions(
 function replyTo(message: ConsumeMessage, body: string): Publication | undefined {
   const replyQueue = message.properties.replyTo as string | undefined;
   if (replyQueue === undefined || replyQueue === '') return undefined;
-  const options: Options.Publish = { contentType: 'application/json' };
+  // As durable as the request: a caller that published persistently into a durable reply
+  // queue gets a reply that survives a broker restart too.
+  const options: Options.Publish = {
+    contentType: 'application/json',
+    persistent: message.properties.deliveryMode === 2,
+  };
   if (message.properties.correlationId !== undefined)
     options.correlationId = message.properties.correlationId;
   return { exchange: '', routingKey: replyQueue, content: Buffer.from(body), options };
