@@ -46,16 +46,31 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   #wake: (() => void) | undefined;
   #loop: Promise<void> | undefined;
   #blocked = false;
+  #prefetch: number;
 
   constructor(opts: ConsumerOptions) {
     super();
     this.#opts = opts;
+    this.#prefetch = opts.prefetch;
     this.#url = withHeartbeat(opts.url);
     this.#log = opts.logger.child({ component: 'consumer' });
   }
 
   get state(): ConsumerState {
     return this.#state;
+  }
+
+  /** The prefetch in force (and applied again on every reconnect). */
+  get prefetch(): number {
+    return this.#prefetch;
+  }
+
+  /** Changes the prefetch, on the live channel now and on every later one. */
+  async setPrefetch(count: number): Promise<void> {
+    this.#prefetch = count;
+    await this.#channel
+      ?.prefetch(count)
+      .catch((err) => this.#log.warn({ err }, 'setting the prefetch failed'));
   }
 
   get connected(): boolean {
@@ -212,7 +227,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       endSession('channel closed');
     });
     await declareTopology(channel, this.#opts.topology);
-    await channel.prefetch(this.#opts.prefetch);
+    await channel.prefetch(this.#prefetch);
     if (this.#stopping) {
       await connection.close().catch(() => {});
       return { ended };
@@ -233,7 +248,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     );
     this.#consumerTag = consumerTag;
     this.#setState('consuming');
-    this.#log.info({ queue: this.#opts.topology.queue, prefetch: this.#opts.prefetch }, 'consuming');
+    this.#log.info({ queue: this.#opts.topology.queue, prefetch: this.#prefetch }, 'consuming');
     return { ended };
   }
 

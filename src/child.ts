@@ -29,11 +29,16 @@ function startOrphanWatchdog(): void {
   watchdog.unref();
 }
 
+/** The running task's controller: one task at a time, so one at most. */
+let running: { taskId: number; controller: AbortController } | undefined;
+
 async function runTask(funcs: Map<string, TaskFunction>, msg: RunMessage): Promise<void> {
   const fn = funcs.get(msg.func);
+  const controller = new AbortController();
+  running = { taskId: msg.taskId, controller };
   try {
     if (fn === undefined) throw new Error(`unknown func ${JSON.stringify(msg.func)}`);
-    const value = await runWithTask(msg.info, () =>
+    const value = await runWithTask({ ...msg.info, signal: controller.signal }, () =>
       msg.kwargs === undefined ? fn(...msg.args) : fn(...msg.args, msg.kwargs),
     );
     let resultJson: string | undefined;
@@ -44,9 +49,17 @@ async function runTask(funcs: Map<string, TaskFunction>, msg: RunMessage): Promi
         throw new Error(`the result cannot be sent as JSON: ${(err as Error).message}`, { cause: err });
       }
     }
-    send({ type: 'done', taskId: msg.taskId, ok: true, resultJson });
+    running = undefined;
+    send({ type: 'done', taskId: msg.taskId, ok: true, resultJson, rssBytes: process.memoryUsage.rss() });
   } catch (err) {
-    send({ type: 'done', taskId: msg.taskId, ok: false, error: serializeError(err) });
+    running = undefined;
+    send({
+      type: 'done',
+      taskId: msg.taskId,
+      ok: false,
+      error: serializeError(err),
+      rssBytes: process.memoryUsage.rss(),
+    });
   }
 }
 
@@ -74,6 +87,9 @@ async function main(): Promise<void> {
   }
   process.on('message', (msg: MasterMessage) => {
     if (msg.type === 'run') void runTask(funcs, msg);
+    else if (msg.type === 'abort' && running?.taskId === msg.taskId) {
+      running.controller.abort(new DOMException(msg.reason, 'TimeoutError'));
+    }
   });
   send({ type: 'ready', funcs: [...funcs.keys()] });
 }

@@ -24,6 +24,9 @@ export interface Config {
   retryDelayMax: number; // seconds
   queueType: 'classic' | 'quorum';
   deliveryLimit: number;
+  killGrace: number; // seconds; 0: SIGKILL at the time limit
+  maxTasksPerWorker: number; // 0: never recycle by count
+  maxWorkerMemory: number; // MB; 0: never recycle by memory
 }
 
 export type ParseResult = { kind: 'run'; config: Config } | { kind: 'help' } | { kind: 'version' };
@@ -43,6 +46,7 @@ export function defaultPrefetch(workers: number): number {
 type Kind =
   | 'count'
   | 'count0'
+  | 'seconds0'
   | 'port'
   | 'seconds'
   | 'string'
@@ -202,6 +206,30 @@ const OPTIONS: readonly OptionSpec[] = [
     help: 'quorum queues: deliveries before the broker dead-letters a message that kills its master (default 10)',
   },
   {
+    key: 'killGrace',
+    flag: '--kill-grace',
+    env: 'KILL_GRACE',
+    kind: 'seconds0',
+    arg: 'SECONDS',
+    help: "at the time limit the task's AbortSignal fires; SIGKILL follows after this grace (default 0: at once)",
+  },
+  {
+    key: 'maxTasksPerWorker',
+    flag: '--max-tasks-per-worker',
+    env: 'MAX_TASKS_PER_WORKER',
+    kind: 'count0',
+    arg: 'N',
+    help: 'replace a worker after N tasks, between tasks (default 0: never)',
+  },
+  {
+    key: 'maxWorkerMemory',
+    flag: '--max-worker-memory',
+    env: 'MAX_WORKER_MEMORY',
+    kind: 'count0',
+    arg: 'MB',
+    help: 'replace a worker whose RSS passes MB, checked between tasks (default 0: never)',
+  },
+  {
     key: 'logLevel',
     flag: '--log-level',
     env: 'LOG_LEVEL',
@@ -229,6 +257,9 @@ const DEFAULTS: Omit<Config, 'prefetch' | 'shutdownToken'> = {
   retryDelayMax: 300,
   queueType: 'classic',
   deliveryLimit: 10,
+  killGrace: 0,
+  maxTasksPerWorker: 0,
+  maxWorkerMemory: 0,
 };
 
 const LEVELS = new Set(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']);
@@ -244,6 +275,12 @@ function convert(spec: OptionSpec, name: string, raw: string): string | number {
       if (!/^\d+$/.test(raw.trim()) || Number(raw) < 1 || !Number.isSafeInteger(Number(raw)))
         fail(name, `must be a whole number of at least 1 (got ${shown})`);
       return Number(raw);
+    }
+    case 'seconds0': {
+      const n = Number(raw);
+      if (raw.trim() === '' || !Number.isFinite(n) || n < 0 || n * 1000 > 2 ** 31 - 1)
+        fail(name, `must be a number of seconds, 0 or more (got ${shown})`);
+      return n;
     }
     case 'count0': {
       if (!/^\d+$/.test(raw.trim()) || !Number.isSafeInteger(Number(raw)))

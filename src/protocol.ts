@@ -25,7 +25,14 @@ export interface RunMessage {
   wantResult: boolean;
 }
 
-export type MasterMessage = RunMessage;
+/** The soft time limit: the task's AbortSignal fires; the master kills it after the grace. */
+export interface AbortMessage {
+  type: 'abort';
+  taskId: number;
+  reason: string;
+}
+
+export type MasterMessage = RunMessage | AbortMessage;
 
 export interface ReadyMessage {
   type: 'ready';
@@ -37,8 +44,9 @@ export interface LoadFailedMessage {
   error: SerializedError;
 }
 
+/** `rssBytes`: the child's resident memory after the task, for --max-worker-memory and /status. */
 export type DoneMessage =
-  | { type: 'done'; taskId: number; ok: true; resultJson: string | undefined }
-  | { type: 'done'; taskId: number; ok: false; error: SerializedError };
+  | { type: 'done'; taskId: number; ok: true; resultJson: string | undefined; rssBytes: number }
+  | { type: 'done'; taskId: number; ok: false; error: SerializedError; rssBytes: number };
 
 export type ChildMessage = ReadyMessage | LoadFailedMessage | DoneMessage;

@@ -9,7 +9,7 @@ import { AmqpPublisher } from './amqp-publisher.ts';
 import { type Config, redactUrl } from './config.ts';
 import { Dispatcher } from './dispatcher.ts';
 import { ServiceError } from './errors.ts';
-import { buildServer, type HealthReport } from './http.ts';
+import { buildServer, type HealthReport, type StatusReport } from './http.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
 import { WorkerPool } from './pool.ts';
 import { deadLetterQueueName, retryDelays, type Topology } from './topology.ts';
@@ -58,6 +58,9 @@ export class Service {
       size: config.workers,
       moduleUrl: opts.moduleUrl,
       taskTimeoutMs: config.workerTimeout * 1000,
+      killGraceMs: config.killGrace * 1000,
+      maxTasksPerWorker: config.maxTasksPerWorker,
+      maxWorkerMemoryBytes: config.maxWorkerMemory * 1024 * 1024,
       logger,
     });
     this.publisher = new AmqpPublisher({ url: config.amqpUrl, logger });
@@ -100,6 +103,8 @@ export class Service {
     this.consumer.on('state', (state) => this.#log.debug({ state }, 'consumer state'));
     this.http = buildServer({
       health: () => this.health(),
+      status: () => this.status(),
+      setWorkers: (count) => this.setWorkers(count),
       registry: this.metrics.registry,
       requestShutdown: (reason) => void this.drain(reason),
       shutdownToken: config.shutdownToken,
@@ -187,6 +192,30 @@ export class Service {
       return { ...report, status: 'workers down', reason: `${up} of ${stats.desired} workers are up` };
     }
     return report;
+  }
+
+  status(): StatusReport {
+    return {
+      health: this.health(),
+      workers: this.pool.status(),
+      queued: this.pool.stats().queued,
+      prefetch: this.consumer.prefetch,
+    };
+  }
+
+  /**
+   * Resizes the pool (PUT /workers, SIGTTIN, SIGTTOU); the prefetch follows, keeping the
+   * deliveries per worker it was started with.
+   */
+  setWorkers(count: number): void {
+    this.pool.resize(count);
+    const perWorker = this.config.prefetch / this.config.workers;
+    void this.consumer.setPrefetch(Math.max(1, Math.min(1000, Math.round(perWorker * count))));
+  }
+
+  /** Rolls every worker onto the task module's current code (SIGHUP). */
+  reload(): Promise<void> {
+    return this.pool.reload();
   }
 
   /**

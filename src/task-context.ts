@@ -12,16 +12,22 @@ import type { TaskInfo } from './protocol.ts';
 
 export type { TaskInfo };
 
+/** What a task sees: its delivery, and a signal that fires at the time limit (with --kill-grace). */
+export interface TaskContext extends TaskInfo {
+  /** Aborted when the task reaches --worker-timeout; it then has --kill-grace seconds to stop. */
+  signal: AbortSignal;
+}
+
 const KEY = Symbol.for('amqp-concurrency.task-context');
-const holder = globalThis as { [KEY]?: AsyncLocalStorage<TaskInfo> };
-const storage: AsyncLocalStorage<TaskInfo> = holder[KEY] ?? new AsyncLocalStorage<TaskInfo>();
+const holder = globalThis as { [KEY]?: AsyncLocalStorage<TaskContext> };
+const storage: AsyncLocalStorage<TaskContext> = holder[KEY] ?? new AsyncLocalStorage<TaskContext>();
 holder[KEY] = storage;
 
 /** The delivery the calling task runs for, or undefined outside a task. */
-export function currentTask(): TaskInfo | undefined {
+export function currentTask(): TaskContext | undefined {
   return storage.getStore();
 }
 
-export function runWithTask<T>(info: TaskInfo, fn: () => T): T {
-  return storage.run(info, fn);
+export function runWithTask<T>(context: TaskContext, fn: () => T): T {
+  return storage.run(context, fn);
 }

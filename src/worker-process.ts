@@ -1,0 +1,106 @@
+// One forked worker as the master sees it: the child process, its boot (it says `ready`
+// with the names it can run, or `load-failed`), its messages and its exit. It holds no
+// policy: deadlines, scheduling and replacement belong to the pool.
+import { type ChildProcess, fork } from 'node:child_process';
+import { EventEmitter } from 'node:events';
+import { fileURLToPath } from 'node:url';
+import { ServiceError } from './errors.ts';
+import type { ChildMessage, DoneMessage, MasterMessage } from './protocol.ts';
+
+export const CHILD_SCRIPT = fileURLToPath(new URL('./child.ts', import.meta.url));
+
+export type WorkerState = 'starting' | 'idle' | 'busy' | 'stopping';
+
+type WorkerEvents = {
+  done: [message: DoneMessage];
+  exit: [code: number | null, signal: NodeJS.Signals | null];
+};
+
+export class WorkerProcess extends EventEmitter<WorkerEvents> {
+  readonly child: ChildProcess;
+  readonly pid: number | undefined;
+  state: WorkerState = 'starting';
+  tasksDone = 0;
+  /** The child's resident memory as it last reported it (with each finished task). */
+  rssBytes: number | undefined;
+  /** Resolves with the names the module exports once ready; rejects if it fails to boot. */
+  readonly ready: Promise<string[]>;
+  /** Resolves once the process has exited (a kill is awaited through this). */
+  readonly exited: Promise<void>;
+
+  constructor(moduleUrl: string, bootTimeoutMs: number, childScript = CHILD_SCRIPT) {
+    super();
+    this.child = fork(childScript, [moduleUrl], {
+      // The master's own flags (a test runner's, an inspector) are not the children's.
+      execArgv: [],
+      serialization: 'json',
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+    });
+    this.pid = this.child.pid;
+    this.exited = new Promise((resolve) => this.child.once('exit', () => resolve()));
+    this.ready = new Promise<string[]>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        fail(new ServiceError('ERR_WORKER_BOOT', `a worker did not become ready in ${bootTimeoutMs} ms`));
+      }, bootTimeoutMs);
+      const fail = (err: ServiceError) => {
+        clearTimeout(timer);
+        // A child that failed to start is never reused.
+        this.state = 'stopping';
+        this.child.kill('SIGKILL');
+        reject(err);
+      };
+      this.child.on('message', (msg: ChildMessage) => {
+        if (msg.type === 'ready' && this.state === 'starting') {
+          clearTimeout(timer);
+          this.state = 'idle';
+          resolve(msg.funcs);
+        } else if (msg.type === 'load-failed') {
+          fail(
+            new ServiceError(
+              'ERR_TASK_MODULE',
+              `cannot load the task module ${moduleUrl}: ${msg.error.message}`,
+              {
+                cause: msg.error,
+              },
+            ),
+          );
+        } else if (msg.type === 'done') {
+          this.rssBytes = msg.rssBytes;
+          this.emit('done', msg);
+        }
+      });
+      this.child.on('exit', (code, signal) => {
+        if (this.state === 'starting') {
+          const how = signal ?? `exit code ${code}`;
+          fail(
+            new ServiceError(
+              'ERR_WORKER_BOOT',
+              `a worker exited before it was ready (${how}); see its output above`,
+            ),
+          );
+        }
+        this.emit('exit', code, signal);
+      });
+    });
+    // Boot failures are handled through `ready` by whoever awaits it; never unhandled.
+    this.ready.catch(() => {});
+    this.child.on('error', () => {
+      // 'exit' follows a spawn or kill error; a failed send reports through its callback.
+    });
+  }
+
+  send(message: MasterMessage): void {
+    if (this.child.connected) this.child.send(message, undefined, {}, () => {});
+  }
+
+  kill(): void {
+    this.child.kill('SIGKILL');
+  }
+
+  /** Asks an idle child to leave: it exits when its IPC channel closes. */
+  retire(): void {
+    this.state = 'stopping';
+    if (this.child.connected) this.child.disconnect();
+    else this.child.kill('SIGKILL');
+  }
+}
