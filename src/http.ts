@@ -15,8 +15,33 @@ export interface HealthReport {
   tasksInFlight: number;
 }
 
+/** One worker as GET /status shows it. */
+export interface WorkerStatus {
+  pid: number | undefined;
+  state: 'starting' | 'idle' | 'busy' | 'stopping';
+  /** The func it runs now, when busy. */
+  func: string | undefined;
+  /** How long the current task has run, when busy. */
+  runningForMs: number | undefined;
+  tasksDone: number;
+  /** Resident memory of the worker process, when known (read between tasks). */
+  rssBytes: number | undefined;
+}
+
+/** What GET /status reports (behind the bearer token). */
+export interface StatusReport {
+  health: HealthReport;
+  workers: WorkerStatus[];
+  queued: number;
+  prefetch: number;
+}
+
 export interface HttpDeps {
   health: () => HealthReport;
+  /** The detailed state behind GET /status. */
+  status: () => StatusReport;
+  /** Sets the number of workers (PUT /workers); throws a RangeError for a bad count. */
+  setWorkers: (count: number) => void;
   registry: Registry;
   /** Starts the graceful drain; must be idempotent. */
   requestShutdown: (reason: string) => void;
