@@ -6,6 +6,7 @@
 import { EventEmitter } from 'node:events';
 import amqp, { type Channel, type ChannelModel, type ConsumeMessage } from 'amqplib';
 import type { Logger } from 'pino';
+import { AckBatch } from './ack-batch.ts';
 import { socketOptions, withHeartbeat } from './amqp-url.ts';
 import { backoffDelay } from './backoff.ts';
 import { ServiceError } from './errors.ts';
@@ -47,6 +48,9 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   #loop: Promise<void> | undefined;
   #blocked = false;
   #prefetch: number;
+  /** The acks of the live channel; a new channel starts a new batch. */
+  #acks = new AckBatch();
+  #flushSoon: NodeJS.Immediate | undefined;
 
   constructor(opts: ConsumerOptions) {
     super();
@@ -87,18 +91,33 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#loop ??= this.#run();
   }
 
-  /** Acks on the delivering channel; false when that channel is gone (the broker redelivers). */
+  /**
+   * Acks on the delivering channel; false when that channel is gone (the broker
+   * redelivers). The acks of one event-loop turn go out together (see AckBatch).
+   */
   ack(delivery: Delivery): boolean {
     if (!this.#isLive(delivery)) return false;
-    delivery.channel.ack(delivery.message);
+    this.#acks.ack(delivery.message.fields.deliveryTag);
+    this.#flushSoon ??= setImmediate(() => this.#flushAcks());
     return true;
   }
 
   /** Gives the message back to the queue (shutdown, a task not started). */
   requeue(delivery: Delivery): boolean {
     if (!this.#isLive(delivery)) return false;
+    this.#acks.settled(delivery.message.fields.deliveryTag);
     delivery.channel.nack(delivery.message, false, true);
     return true;
+  }
+
+  #flushAcks(): void {
+    this.#flushSoon = undefined;
+    const channel = this.#channel;
+    const { upTo, singles } = this.#acks.take();
+    if (channel === undefined) return; // the channel died: the broker redelivers
+    // amqplib reads only the delivery tag of the message it is given.
+    if (upTo !== undefined) channel.ack({ fields: { deliveryTag: upTo } } as ConsumeMessage, true);
+    for (const tag of singles) channel.ack({ fields: { deliveryTag: tag } } as ConsumeMessage, false);
   }
 
   /** Whether the channel that delivered it is still ours and open: only then may it be settled. */
@@ -142,6 +161,11 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   async close(): Promise<void> {
     this.#stopping = true;
     this.#wake?.();
+    // Send the acks still waiting for their turn before the channel goes.
+    if (this.#flushSoon !== undefined) {
+      clearImmediate(this.#flushSoon);
+      this.#flushAcks();
+    }
     const connection = this.#connection;
     const channel = this.#channel;
     this.#connection = undefined;
@@ -233,6 +257,8 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       return { ended };
     }
     this.#channel = channel;
+    this.#acks = new AckBatch();
+    const acks = this.#acks;
     const { consumerTag } = await channel.consume(
       this.#opts.topology.queue,
       (message) => {
@@ -242,6 +268,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
           connection.close().catch(() => {});
           return;
         }
+        acks.delivered(message.fields.deliveryTag);
         this.#opts.onDelivery({ message, channel });
       },
       { noAck: false },

@@ -1,0 +1,98 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import fc from 'fast-check';
+import { AckBatch } from '../../src/ack-batch.ts';
+
+test('acks below every unsettled delivery go out as one multiple ack', () => {
+  const batch = new AckBatch();
+  for (let tag = 1; tag <= 5; tag++) batch.delivered(tag);
+  batch.ack(2);
+  batch.ack(1);
+  batch.ack(3);
+  assert.deepEqual(batch.take(), { upTo: 3, singles: [] });
+  assert.deepEqual(batch.take(), { upTo: undefined, singles: [] }, 'nothing twice');
+});
+
+test('an ack above a delivery still running goes out alone, never covered by a multiple ack', () => {
+  const batch = new AckBatch();
+  for (let tag = 1; tag <= 5; tag++) batch.delivered(tag);
+  batch.ack(1);
+  batch.ack(4); // 2 and 3 still run
+  assert.deepEqual(batch.take(), { upTo: 1, singles: [4] });
+  batch.ack(3);
+  assert.deepEqual(batch.take(), { upTo: undefined, singles: [3] }, '2 still runs');
+  batch.ack(2);
+  batch.ack(5);
+  assert.deepEqual(batch.take(), { upTo: 5, singles: [] });
+});
+
+test('a requeued delivery no longer holds back the multiple ack', () => {
+  const batch = new AckBatch();
+  for (let tag = 1; tag <= 3; tag++) batch.delivered(tag);
+  batch.settled(1);
+  batch.ack(2);
+  batch.ack(3);
+  assert.deepEqual(batch.take(), { upTo: 3, singles: [] });
+});
+
+test('an ack of a tag not delivered on this channel is ignored', () => {
+  const batch = new AckBatch();
+  batch.delivered(1);
+  batch.ack(7);
+  assert.deepEqual(batch.take(), { upTo: undefined, singles: [] });
+});
+
+test('property: the frames ack exactly the acked tags and never one still unsettled', () => {
+  fc.assert(
+    fc.property(
+      fc.integer({ min: 1, max: 40 }),
+      fc.array(fc.tuple(fc.integer({ min: 1, max: 40 }), fc.constantFrom('ack', 'nack', 'take')), {
+        maxLength: 80,
+      }),
+      (n, ops) => {
+        const batch = new AckBatch();
+        for (let tag = 1; tag <= n; tag++) batch.delivered(tag);
+        const unsettled = new Set(Array.from({ length: n }, (_, i) => i + 1));
+        const brokerUnacked = new Set(unsettled); // what the broker holds for us
+        const ackedByUs = new Set<number>();
+        const apply = () => {
+          const { upTo, singles } = batch.take();
+          if (upTo !== undefined) {
+            for (const tag of [...brokerUnacked]) {
+              if (tag <= upTo) {
+                assert.ok(
+                  ackedByUs.has(tag),
+                  `multiple ack up to ${upTo} covers ${tag}, which was not acked`,
+                );
+                brokerUnacked.delete(tag);
+              }
+            }
+          }
+          for (const tag of singles) {
+            assert.ok(brokerUnacked.has(tag), `single ack of ${tag} twice or unknown`);
+            brokerUnacked.delete(tag);
+          }
+        };
+        for (const [tag, op] of ops) {
+          if (op === 'take') apply();
+          else if (tag <= n && unsettled.has(tag)) {
+            unsettled.delete(tag);
+            if (op === 'ack') {
+              batch.ack(tag);
+              ackedByUs.add(tag);
+            } else {
+              batch.settled(tag);
+              brokerUnacked.delete(tag); // nack is sent at once
+            }
+          }
+        }
+        apply();
+        assert.deepEqual(
+          [...brokerUnacked].sort((a, b) => a - b),
+          [...unsettled].sort((a, b) => a - b),
+          'after the last take, the broker holds exactly the unsettled deliveries',
+        );
+      },
+    ),
+  );
+});
