@@ -3,7 +3,7 @@
 // master owns it and SIGKILLs a child that runs past it.
 import { Worker } from 'node:worker_threads';
 import { serializeError } from './errors.ts';
-import type { ChildMessage, MasterMessage, RunMessage } from './protocol.ts';
+import type { ChildMessage, MasterMessage, RunTask, TaskOutcome } from './protocol.ts';
 import { runWithTask } from './task-context.ts';
 import { loadTaskModule, type TaskFunction } from './task-module.ts';
 
@@ -29,37 +29,86 @@ function startOrphanWatchdog(): void {
   watchdog.unref();
 }
 
-/** The running task's controller: one task at a time, so one at most. */
+/** Tasks handed over and not started yet, in order. */
+const queue: RunTask[] = [];
+/** The running task, one at most. */
 let running: { taskId: number; controller: AbortController } | undefined;
+let timeoutMs = 0;
+/** Results of this event-loop turn, sent together. */
+let results: TaskOutcome[] = [];
+let flushing = false;
 
-async function runTask(funcs: Map<string, TaskFunction>, msg: RunMessage): Promise<void> {
-  const fn = funcs.get(msg.func);
+function report(outcome: TaskOutcome): void {
+  results.push(outcome);
+  if (flushing) return;
+  flushing = true;
+  setImmediate(() => {
+    flushing = false;
+    const batch = results;
+    results = [];
+    send({ type: 'done', results: batch, rssBytes: process.memoryUsage.rss() });
+  });
+}
+
+async function runTask(funcs: Map<string, TaskFunction>, task: RunTask): Promise<TaskOutcome> {
+  const fn = funcs.get(task.func);
   const controller = new AbortController();
-  running = { taskId: msg.taskId, controller };
+  running = { taskId: task.taskId, controller };
+  const context = {
+    taskId: task.taskId,
+    func: task.func,
+    messageId: task.messageId,
+    redelivered: task.redelivered,
+    attempt: task.attempt,
+    deadline: Date.now() + timeoutMs,
+    signal: controller.signal,
+  };
   try {
-    if (fn === undefined) throw new Error(`unknown func ${JSON.stringify(msg.func)}`);
-    const value = await runWithTask({ ...msg.info, signal: controller.signal }, () =>
-      msg.kwargs === undefined ? fn(...msg.args) : fn(...msg.args, msg.kwargs),
+    if (fn === undefined) throw new Error(`unknown func ${JSON.stringify(task.func)}`);
+    const value = await runWithTask(context, () =>
+      task.kwargs === undefined ? fn(...task.args) : fn(...task.args, task.kwargs),
     );
     let resultJson: string | undefined;
-    if (msg.wantResult) {
+    if (task.wantResult) {
       try {
         resultJson = JSON.stringify(value) ?? 'null';
       } catch (err) {
         throw new Error(`the result cannot be sent as JSON: ${(err as Error).message}`, { cause: err });
       }
     }
-    running = undefined;
-    send({ type: 'done', taskId: msg.taskId, ok: true, resultJson, rssBytes: process.memoryUsage.rss() });
+    return { taskId: task.taskId, ok: true, resultJson };
   } catch (err) {
+    return { taskId: task.taskId, ok: false, error: serializeError(err) };
+  } finally {
     running = undefined;
-    send({
-      type: 'done',
-      taskId: msg.taskId,
-      ok: false,
-      error: serializeError(err),
-      rssBytes: process.memoryUsage.rss(),
-    });
+  }
+}
+
+/** Runs the queue one task at a time; the master counts on that order for its deadlines. */
+let pumping = false;
+async function pump(funcs: Map<string, TaskFunction>): Promise<void> {
+  if (pumping) return;
+  pumping = true;
+  for (let task = queue.shift(); task !== undefined; task = queue.shift()) {
+    report(await runTask(funcs, task));
+  }
+  pumping = false;
+}
+
+function onMessage(funcs: Map<string, TaskFunction>, msg: MasterMessage): void {
+  switch (msg.type) {
+    case 'run':
+      timeoutMs = msg.timeoutMs;
+      queue.push(...msg.tasks);
+      void pump(funcs);
+      return;
+    case 'abort':
+      if (running?.taskId === msg.taskId)
+        running.controller.abort(new DOMException(msg.reason, 'TimeoutError'));
+      return;
+    case 'cancel':
+      send({ type: 'cancelled', taskIds: queue.splice(0).map((t) => t.taskId) });
+      return;
   }
 }
 
@@ -85,12 +134,7 @@ async function main(): Promise<void> {
     process.disconnect();
     return;
   }
-  process.on('message', (msg: MasterMessage) => {
-    if (msg.type === 'run') void runTask(funcs, msg);
-    else if (msg.type === 'abort' && running?.taskId === msg.taskId) {
-      running.controller.abort(new DOMException(msg.reason, 'TimeoutError'));
-    }
-  });
+  process.on('message', (msg: MasterMessage) => onMessage(funcs, msg));
   send({ type: 'ready', funcs: [...funcs.keys()] });
 }
 

@@ -40,7 +40,7 @@ export const DEFAULT_AMQP_URL = 'amqp://testuser:testuser@localhost:5672/';
  * does not hoard messages that another instance could run.
  */
 export function defaultPrefetch(workers: number): number {
-  return Math.min(1000, Math.max(16, workers * 16));
+  return Math.min(1000, workers * 32);
 }
 
 type Kind =
@@ -131,7 +131,7 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'PREFETCH',
     kind: 'count',
     arg: 'N',
-    help: 'unacknowledged deliveries held at once (default 16 per worker, at least 16, at most 1000)',
+    help: 'unacknowledged deliveries held at once (default 32 per worker, at most 1000)',
   },
   {
     key: 'httpHost',

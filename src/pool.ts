@@ -4,11 +4,17 @@
 // refilled; deaths are classified (timeout, crash, recycle); children that keep failing
 // to boot stop the pool. The pool can be resized, recycles workers by task count or
 // memory between tasks, and rolls all workers onto new code (reload) one by one.
+//
+// Speed: while tasks are short (under PIPELINE_BELOW_MS on average), a child may be handed
+// a few tasks at once and runs them in order; the master still times each one, starting
+// its clock when the previous one reports done (which is when the child starts it). Tasks
+// handed over but not started are taken back (`cancel`) when a worker leaves, when the
+// pool closes, or when another worker sits idle behind a task that turned out long.
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import { type SerializedError, ServiceError } from './errors.ts';
 import type { WorkerStatus } from './http.ts';
-import type { DoneMessage, TaskInfo } from './protocol.ts';
+import type { CancelledMessage, DoneMessage, RunTask, TaskOutcome } from './protocol.ts';
 import { WorkerProcess } from './worker-process.ts';
 
 export interface TaskRequest {
@@ -40,6 +46,8 @@ export interface PoolOptions {
   maxTasksPerWorker?: number;
   /** Replace a worker whose RSS, read after a task, is over this (0: never). */
   maxWorkerMemoryBytes?: number;
+  /** How many short tasks a child may hold at once (1: one at a time, no pipelining). */
+  maxPipeline?: number;
   /** How long a child may take to load the module and say ready. */
   bootTimeoutMs?: number;
   /** After start-up, this many boot failures in a row make the pool give up ('fatal'). */
@@ -52,6 +60,7 @@ export interface PoolStats {
   starting: number;
   idle: number;
   busy: number;
+  /** Tasks waiting: in the master's queue or handed to a child and not started. */
   queued: number;
 }
 
@@ -65,22 +74,32 @@ interface Job {
   timedOut: boolean;
 }
 
+type LeaveReason = 'scale' | 'reload' | 'recycle';
+
 type PoolEvents = {
   restart: [reason: RestartReason];
   fatal: [err: ServiceError];
   change: [];
 };
 
+/** Pipelining pays while tasks are this short on average; longer ones go one at a time. */
+const PIPELINE_BELOW_MS = 2;
+/** A running task older than this no longer takes tasks behind it, and gives back those it holds when a worker idles. */
+const LONG_TASK_MS = 5;
+
 export class WorkerPool extends EventEmitter<PoolEvents> {
   readonly #opts: Required<PoolOptions>;
   readonly #log: Logger;
   readonly #workers = new Set<WorkerProcess>();
-  readonly #jobs = new Map<WorkerProcess, Job>();
-  /** Busy workers to retire when their task ends (a scale-down or a reload). */
-  readonly #retireAfterTask = new Map<WorkerProcess, 'scale' | 'reload'>();
+  /** Per worker, the tasks handed over: the first runs, the rest wait in the child in order. */
+  readonly #inflight = new Map<WorkerProcess, Job[]>();
+  /** Workers that take no more work and leave once their tasks are done. */
+  readonly #leaving = new Map<WorkerProcess, LeaveReason>();
+  /** Workers asked to give back what they have not started, until they answer. */
+  readonly #cancelling = new Set<WorkerProcess>();
   /** Workers the master killed, and why: decides how their death is counted. */
   readonly #killed = new Map<WorkerProcess, 'timeout' | 'shutdown'>();
-  readonly #queue: Job[] = [];
+  #queue: Job[] = [];
   #desired: number;
   /** Extra workers allowed while a reload starts a new one before retiring an old one. */
   #surge = 0;
@@ -92,6 +111,9 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
   #gaveUp = false;
   #respawnTimer: NodeJS.Timeout | undefined;
   #reloading: Promise<void> | undefined;
+  #dispatchQueued = false;
+  /** Moving average of task durations, which decides whether to pipeline. */
+  #averageMs: number | undefined;
 
   constructor(opts: PoolOptions) {
     super();
@@ -101,6 +123,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
       killGraceMs: 0,
       maxTasksPerWorker: 0,
       maxWorkerMemoryBytes: 0,
+      maxPipeline: 16,
       childScript: '',
       ...opts,
     };
@@ -129,6 +152,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
       if (w.state === 'starting') stats.starting++;
       else if (w.state === 'idle') stats.idle++;
       else if (w.state === 'busy') stats.busy++;
+      stats.queued += Math.max(0, (this.#inflight.get(w)?.length ?? 0) - 1);
     }
     return stats;
   }
@@ -136,7 +160,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
   status(): WorkerStatus[] {
     const now = performance.now();
     return [...this.#workers].map((w) => {
-      const job = this.#jobs.get(w);
+      const job = this.#inflight.get(w)?.[0];
       return {
         pid: w.pid,
         state: w.state,
@@ -165,7 +189,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
     this.#log.info({ workers: this.#desired, funcs: [...this.#funcs] }, 'workers ready');
   }
 
-  /** Queues a task; it runs when a worker is idle. Resolves with its outcome, never rejects. */
+  /** Queues a task; it runs when a worker is free. Resolves with its outcome, never rejects. */
   run(request: TaskRequest): Promise<TaskResult> {
     if (this.#closing) return Promise.resolve({ outcome: 'returned', reason: 'the pool is closing' });
     return new Promise((resolve) => {
@@ -177,7 +201,14 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
         timer: undefined,
         timedOut: false,
       });
-      this.#dispatch();
+      // Deliveries of one socket read arrive in one turn: hand them over together.
+      if (!this.#dispatchQueued) {
+        this.#dispatchQueued = true;
+        queueMicrotask(() => {
+          this.#dispatchQueued = false;
+          this.#dispatch();
+        });
+      }
     });
   }
 
@@ -221,7 +252,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
       } finally {
         this.#surge = 0;
       }
-      this.#retire(w, 'reload');
+      this.#leave(w, 'reload');
     }
     this.#log.info('reload done');
   }
@@ -235,6 +266,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
     clearTimeout(this.#respawnTimer);
     for (const job of this.#queue.splice(0))
       job.resolve({ outcome: 'returned', reason: 'not started before shutdown' });
+    for (const w of this.#workers) this.#takeBackWaiting(w);
     await this.#waitForBusy(graceMs);
     for (const w of this.#workers) {
       if (w.state === 'busy') {
@@ -273,45 +305,95 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
     });
   }
 
-  /** Counted towards the pool's size: not leaving, and not marked to leave. */
+  /** Counted towards the pool's size: not stopping, and not on its way out. */
   #isLive(w: WorkerProcess): boolean {
-    return this.#workers.has(w) && w.state !== 'stopping' && !this.#retireAfterTask.has(w);
+    return this.#workers.has(w) && w.state !== 'stopping' && !this.#leaving.has(w);
+  }
+
+  #depth(): number {
+    return this.#averageMs !== undefined && this.#averageMs < PIPELINE_BELOW_MS ? this.#opts.maxPipeline : 1;
+  }
+
+  /** Whether `w` may take one more task now. */
+  #canTake(w: WorkerProcess, depth: number, now: number): boolean {
+    if ((w.state !== 'idle' && w.state !== 'busy') || this.#leaving.has(w) || this.#cancelling.has(w))
+      return false;
+    const jobs = this.#inflight.get(w) ?? [];
+    // A worker due for recycling after N tasks is never handed more than N.
+    const budget = this.#opts.maxTasksPerWorker;
+    if (budget > 0 && w.tasksDone + jobs.length >= budget) return false;
+    if (jobs.length === 0) return true;
+    // Never queue behind a task that has turned out long.
+    return jobs.length < depth && now - (jobs[0] as Job).startedAt < LONG_TASK_MS;
   }
 
   #dispatch(): void {
-    if (this.#queue.length === 0) return;
+    if (this.#queue.length === 0) {
+      this.#rebalance();
+      return;
+    }
+    const depth = this.#depth();
+    const now = performance.now();
+    const batches = new Map<WorkerProcess, RunTask[]>();
+    while (this.#queue.length > 0) {
+      // The least loaded worker that can take one more: idle ones first.
+      let best: WorkerProcess | undefined;
+      for (const w of this.#workers) {
+        if (!this.#canTake(w, depth, now)) continue;
+        if (
+          best === undefined ||
+          (this.#inflight.get(w)?.length ?? 0) < (this.#inflight.get(best)?.length ?? 0)
+        )
+          best = w;
+      }
+      if (best === undefined) break;
+      const job = this.#queue.shift() as Job;
+      const jobs = this.#inflight.get(best) ?? [];
+      this.#inflight.set(best, jobs);
+      jobs.push(job);
+      if (jobs.length === 1) this.#startClock(best, job);
+      const { request } = job;
+      const batch = batches.get(best) ?? [];
+      batches.set(best, batch);
+      batch.push({
+        taskId: job.taskId,
+        func: request.func,
+        args: request.args,
+        kwargs: request.kwargs,
+        messageId: request.messageId,
+        redelivered: request.redelivered,
+        attempt: request.attempt,
+        wantResult: request.wantResult,
+      });
+    }
+    for (const [w, tasks] of batches) w.send({ type: 'run', tasks, timeoutMs: this.#opts.taskTimeoutMs });
+    if (batches.size > 0) this.emit('change');
+  }
+
+  /** A worker idles with nothing queued while another holds tasks behind a long one: take them back. */
+  #rebalance(): void {
+    if (![...this.#workers].some((w) => w.state === 'idle' && !this.#leaving.has(w))) return;
+    const now = performance.now();
     for (const w of this.#workers) {
-      if (w.state !== 'idle') continue;
-      const job = this.#queue.shift();
-      if (job === undefined) return;
-      this.#assign(w, job);
+      const jobs = this.#inflight.get(w);
+      if (jobs !== undefined && jobs.length > 1 && now - (jobs[0] as Job).startedAt >= LONG_TASK_MS) {
+        this.#takeBackWaiting(w);
+      }
     }
   }
 
-  #assign(w: WorkerProcess, job: Job): void {
+  /** Asks a child for the tasks it holds and has not started (answered by `cancelled`). */
+  #takeBackWaiting(w: WorkerProcess): void {
+    if ((this.#inflight.get(w)?.length ?? 0) <= 1 || this.#cancelling.has(w)) return;
+    this.#cancelling.add(w);
+    w.send({ type: 'cancel' });
+  }
+
+  #startClock(w: WorkerProcess, job: Job): void {
     w.state = 'busy';
-    this.#jobs.set(w, job);
     job.startedAt = performance.now();
-    const info: TaskInfo = {
-      taskId: job.taskId,
-      func: job.request.func,
-      messageId: job.request.messageId,
-      redelivered: job.request.redelivered,
-      attempt: job.request.attempt,
-      deadline: Date.now() + this.#opts.taskTimeoutMs,
-    };
     // The deadline is the master's: a timer on the monotonic clock, whatever the child does.
     job.timer = setTimeout(() => this.#timeLimit(w, job), this.#opts.taskTimeoutMs);
-    w.send({
-      type: 'run',
-      taskId: job.taskId,
-      func: job.request.func,
-      args: job.request.args,
-      kwargs: job.request.kwargs,
-      info,
-      wantResult: job.request.wantResult,
-    });
-    this.emit('change');
   }
 
   #timeoutError(soft: boolean): SerializedError {
@@ -327,7 +409,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
 
   /** The time limit: abort and allow the grace, or kill now. */
   #timeLimit(w: WorkerProcess, job: Job): void {
-    if (this.#jobs.get(w) !== job) return;
+    if (this.#inflight.get(w)?.[0] !== job) return;
     job.timedOut = true;
     const fields = { pid: w.pid, taskId: job.taskId, func: job.request.func };
     if (this.#opts.killGraceMs > 0) {
@@ -336,6 +418,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
         'task reached its time limit; aborting it',
       );
       w.send({ type: 'abort', taskId: job.taskId, reason: 'the task reached its time limit' });
+      this.#takeBackWaiting(w);
       job.timer = setTimeout(() => this.#kill(w, job), this.#opts.killGraceMs);
       return;
     }
@@ -343,7 +426,8 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
   }
 
   #kill(w: WorkerProcess, job: Job): void {
-    if (this.#jobs.get(w) !== job) return;
+    const jobs = this.#inflight.get(w);
+    if (jobs?.[0] !== job) return;
     this.#log.warn(
       { pid: w.pid, taskId: job.taskId, func: job.request.func },
       'task timed out; killing its worker',
@@ -351,64 +435,115 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
     this.#killed.set(w, 'timeout');
     w.state = 'stopping';
     w.kill();
-    this.#finish(w, {
+    this.#inflight.delete(w);
+    clearTimeout(job.timer);
+    job.resolve({
       outcome: 'timeout',
       error: this.#timeoutError(false),
       durationMs: performance.now() - job.startedAt,
     });
+    this.#requeue(jobs.slice(1));
   }
 
-  #finish(w: WorkerProcess, result: TaskResult): void {
-    const job = this.#jobs.get(w);
-    if (job === undefined) return;
-    clearTimeout(job.timer);
-    this.#jobs.delete(w);
-    job.resolve(result);
+  /** Tasks a worker held and never started go back to the front of the queue, in order. */
+  #requeue(jobs: Job[]): void {
+    if (jobs.length === 0) return;
+    if (this.#closing) {
+      for (const job of jobs) job.resolve({ outcome: 'returned', reason: 'not started before shutdown' });
+      return;
+    }
+    this.#queue = [...jobs, ...this.#queue];
+    this.#dispatch();
+  }
+
+  #resultOf(job: Job, outcome: TaskOutcome, durationMs: number): TaskResult {
+    if (job.timedOut) return { outcome: 'timeout', error: this.#timeoutError(true), durationMs };
+    if (outcome.ok) return { outcome: 'succeeded', resultJson: outcome.resultJson, durationMs };
+    return { outcome: 'failed', error: outcome.error, durationMs };
   }
 
   #onDone(w: WorkerProcess, msg: DoneMessage): void {
-    const job = this.#jobs.get(w);
-    if (w.state !== 'busy' || job === undefined || job.taskId !== msg.taskId) return;
-    const durationMs = performance.now() - job.startedAt;
-    w.tasksDone++;
-    w.state = 'idle';
-    let result: TaskResult;
-    if (job.timedOut) result = { outcome: 'timeout', error: this.#timeoutError(true), durationMs };
-    else if (msg.ok) result = { outcome: 'succeeded', resultJson: msg.resultJson, durationMs };
-    else result = { outcome: 'failed', error: msg.error, durationMs };
-    this.#finish(w, result);
-    this.#afterTask(w);
+    const jobs = this.#inflight.get(w);
+    if (jobs === undefined || this.#killed.has(w)) return;
+    for (const outcome of msg.results) {
+      const job = jobs[0];
+      if (job === undefined || job.taskId !== outcome.taskId) {
+        this.#log.error(
+          { pid: w.pid, taskId: outcome.taskId },
+          'a worker reported a task it was not running',
+        );
+        continue;
+      }
+      jobs.shift();
+      const durationMs = performance.now() - job.startedAt;
+      this.#averageMs = this.#averageMs === undefined ? durationMs : this.#averageMs * 0.8 + durationMs * 0.2;
+      w.tasksDone++;
+      clearTimeout(job.timer);
+      job.resolve(this.#resultOf(job, outcome, durationMs));
+      // The child starts the next one as it reports this one: so does its clock.
+      const next = jobs[0];
+      if (next !== undefined) this.#startClock(w, next);
+    }
+    if (jobs.length === 0) {
+      this.#inflight.delete(w);
+      w.state = 'idle';
+    }
+    this.#afterTasks(w);
     this.emit('change');
     this.#dispatch();
   }
 
-  /** Between tasks: leave if marked to, or if worn out (task count, memory). */
-  #afterTask(w: WorkerProcess): void {
-    const marked = this.#retireAfterTask.get(w);
-    if (marked !== undefined) {
-      this.#retireAfterTask.delete(w);
-      this.#retire(w, marked);
+  #onCancelled(w: WorkerProcess, msg: CancelledMessage): void {
+    this.#cancelling.delete(w);
+    const jobs = this.#inflight.get(w);
+    if (jobs === undefined) return;
+    const ids = new Set(msg.taskIds);
+    const back = jobs.filter((j) => ids.has(j.taskId));
+    this.#inflight.set(
+      w,
+      jobs.filter((j) => !ids.has(j.taskId)),
+    );
+    if (this.#inflight.get(w)?.length === 0) {
+      this.#inflight.delete(w);
+      w.state = 'idle';
+    }
+    this.#afterTasks(w);
+    this.emit('change');
+    this.#requeue(back);
+    this.#dispatch();
+  }
+
+  /** Between tasks: leave if on the way out and done, or if worn out (task count, memory). */
+  #afterTasks(w: WorkerProcess): void {
+    if (!this.#leaving.has(w)) {
+      const { maxTasksPerWorker, maxWorkerMemoryBytes } = this.#opts;
+      const tooMany = maxTasksPerWorker > 0 && w.tasksDone >= maxTasksPerWorker;
+      const tooBig = maxWorkerMemoryBytes > 0 && (w.rssBytes ?? 0) > maxWorkerMemoryBytes;
+      if (!tooMany && !tooBig) return;
+      this.#log.info({ pid: w.pid, tasksDone: w.tasksDone, rssBytes: w.rssBytes }, 'recycling a worker');
+      this.emit('restart', 'recycle');
+      this.#leave(w, 'recycle');
+      this.#reconcile();
       return;
     }
-    const { maxTasksPerWorker, maxWorkerMemoryBytes } = this.#opts;
-    const tooMany = maxTasksPerWorker > 0 && w.tasksDone >= maxTasksPerWorker;
-    const tooBig = maxWorkerMemoryBytes > 0 && (w.rssBytes ?? 0) > maxWorkerMemoryBytes;
-    if (tooMany || tooBig) {
-      this.#log.info({ pid: w.pid, tasksDone: w.tasksDone, rssBytes: w.rssBytes }, 'recycling a worker');
-      this.#retire(w, 'recycle');
-      this.emit('restart', 'recycle');
-      this.#reconcile();
+    if (w.state === 'idle') {
+      this.#leaving.delete(w);
+      w.retire();
     }
   }
 
-  /** Sends a worker away: now if idle, after its task if busy. */
-  #retire(w: WorkerProcess, why: 'scale' | 'reload' | 'recycle'): void {
-    if (w.state === 'busy') {
-      this.#retireAfterTask.set(w, why === 'recycle' ? 'scale' : why);
+  /** Sends a worker away: now if idle, after its running task if busy (what it holds goes back). */
+  #leave(w: WorkerProcess, why: LeaveReason): void {
+    if (w.state === 'starting') {
+      w.kill();
       return;
     }
-    if (w.state === 'starting') w.kill();
-    else w.retire();
+    if (w.state === 'idle') {
+      w.retire();
+      return;
+    }
+    this.#leaving.set(w, why);
+    this.#takeBackWaiting(w);
   }
 
   /** Forks one child; its boot failure after start-up backs off, and enough in a row stop the pool. */
@@ -420,6 +555,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
     );
     this.#workers.add(w);
     w.on('done', (msg) => this.#onDone(w, msg));
+    w.on('cancelled', (msg) => this.#onCancelled(w, msg));
     w.on('exit', (code, signal) => this.#onExit(w, code, signal));
     w.ready.then(
       (funcs) => {
@@ -456,35 +592,40 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
   }
 
   #onExit(w: WorkerProcess, code: number | null, signal: NodeJS.Signals | null): void {
-    const job = this.#jobs.get(w);
+    const jobs = this.#inflight.get(w) ?? [];
     const killed = this.#killed.get(w);
-    if (job !== undefined) {
+    const [running, ...waiting] = jobs;
+    if (running !== undefined) {
+      clearTimeout(running.timer);
       if (killed === 'shutdown') {
-        this.#finish(w, { outcome: 'returned', reason: 'still running at the shutdown deadline' });
+        running.resolve({ outcome: 'returned', reason: 'still running at the shutdown deadline' });
       } else {
         const how = signal ?? `exit code ${code}`;
-        this.#finish(w, {
+        running.resolve({
           outcome: 'crashed',
           error: {
             name: 'WorkerCrashed',
             message: `the worker process died while running the task (${how})`,
             code: 'ERR_WORKER_CRASHED',
           },
-          durationMs: performance.now() - job.startedAt,
+          durationMs: performance.now() - running.startedAt,
         });
       }
     }
     const expected = this.#closing || killed !== undefined || w.state === 'stopping';
     this.#workers.delete(w);
+    this.#inflight.delete(w);
     this.#killed.delete(w);
-    this.#retireAfterTask.delete(w);
+    this.#leaving.delete(w);
+    this.#cancelling.delete(w);
+    w.state = 'stopping';
     if (killed === 'timeout') this.emit('restart', 'timeout');
     else if (!expected) {
-      this.#log.error({ pid: w.pid, code, signal, busy: job !== undefined }, 'worker died');
+      this.#log.error({ pid: w.pid, code, signal, busy: running !== undefined }, 'worker died');
       this.emit('restart', 'crash');
     }
-    w.state = 'stopping';
     this.emit('change');
+    this.#requeue(waiting);
     // After this turn: a boot failure's own handler runs first and sets the backoff.
     setImmediate(() => this.#reconcile());
   }
@@ -500,7 +641,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
       // Idle ones first (they leave now), then starting ones, then busy ones (after their task).
       const order = { idle: 0, starting: 1, busy: 2, stopping: 3 } as const;
       const surplus = live.sort((a, b) => order[a.state] - order[b.state]).slice(0, live.length - target);
-      for (const w of surplus) this.#retire(w, 'scale');
+      for (const w of surplus) this.#leave(w, 'scale');
     }
   }
 }

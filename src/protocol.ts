@@ -1,5 +1,10 @@
 // The IPC between the master and a worker child: one union per direction, discriminated
-// by `type`, with a `taskId` on every task message. This is the only shape that crosses.
+// by `type`; every task carries its `taskId`. This is the only shape that crosses.
+//
+// Tasks travel in batches: the master may hand a child several short tasks in one message
+// (the child runs them one at a time, in order), and the child reports the results of one
+// event-loop turn in one message. Each crossing is a write on a pipe, and for tiny tasks
+// those writes, not the tasks, are what cost.
 import type { SerializedError } from './errors.ts';
 
 /** What a task may learn about the delivery it runs for (see task-context.ts). */
@@ -14,15 +19,24 @@ export interface TaskInfo {
   deadline: number;
 }
 
-export interface RunMessage {
-  type: 'run';
+export interface RunTask {
   taskId: number;
   func: string;
   args: unknown[];
   kwargs: Record<string, unknown> | undefined;
-  info: TaskInfo;
+  messageId: string | undefined;
+  redelivered: boolean;
+  attempt: number;
   /** Only serialise the result when someone (reply_to) will read it. */
   wantResult: boolean;
+}
+
+/** Tasks to run in order, after any the child already has. */
+export interface RunMessage {
+  type: 'run';
+  tasks: RunTask[];
+  /** The time limit, for the deadline a task can read; the master enforces it. */
+  timeoutMs: number;
 }
 
 /** The soft time limit: the task's AbortSignal fires; the master kills it after the grace. */
@@ -32,7 +46,12 @@ export interface AbortMessage {
   reason: string;
 }
 
-export type MasterMessage = RunMessage | AbortMessage;
+/** Drop every task not yet started (they go back to the master's queue). */
+export interface CancelMessage {
+  type: 'cancel';
+}
+
+export type MasterMessage = RunMessage | AbortMessage | CancelMessage;
 
 export interface ReadyMessage {
   type: 'ready';
@@ -44,9 +63,20 @@ export interface LoadFailedMessage {
   error: SerializedError;
 }
 
-/** `rssBytes`: the child's resident memory after the task, for --max-worker-memory and /status. */
-export type DoneMessage =
-  | { type: 'done'; taskId: number; ok: true; resultJson: string | undefined; rssBytes: number }
-  | { type: 'done'; taskId: number; ok: false; error: SerializedError; rssBytes: number };
+export type TaskOutcome =
+  | { taskId: number; ok: true; resultJson: string | undefined }
+  | { taskId: number; ok: false; error: SerializedError };
 
-export type ChildMessage = ReadyMessage | LoadFailedMessage | DoneMessage;
+/** Results in the order the tasks ran. `rssBytes`: the child's memory after them. */
+export interface DoneMessage {
+  type: 'done';
+  results: TaskOutcome[];
+  rssBytes: number;
+}
+
+export interface CancelledMessage {
+  type: 'cancelled';
+  taskIds: number[];
+}
+
+export type ChildMessage = ReadyMessage | LoadFailedMessage | DoneMessage | CancelledMessage;

@@ -5,7 +5,7 @@ import { type ChildProcess, fork } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { ServiceError } from './errors.ts';
-import type { ChildMessage, DoneMessage, MasterMessage } from './protocol.ts';
+import type { CancelledMessage, ChildMessage, DoneMessage, MasterMessage } from './protocol.ts';
 
 export const CHILD_SCRIPT = fileURLToPath(new URL('./child.ts', import.meta.url));
 
@@ -13,6 +13,7 @@ export type WorkerState = 'starting' | 'idle' | 'busy' | 'stopping';
 
 type WorkerEvents = {
   done: [message: DoneMessage];
+  cancelled: [message: CancelledMessage];
   exit: [code: number | null, signal: NodeJS.Signals | null];
 };
 
@@ -67,6 +68,8 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
         } else if (msg.type === 'done') {
           this.rssBytes = msg.rssBytes;
           this.emit('done', msg);
+        } else if (msg.type === 'cancelled') {
+          this.emit('cancelled', msg);
         }
       });
       this.child.on('exit', (code, signal) => {

@@ -57,6 +57,7 @@ test('one task at a time per worker: the third waits for a free worker', async (
   const p = pool(t);
   await p.start();
   const runs = [p.run(request('sleep', [0.3])), p.run(request('sleep', [0.3])), p.run(request('pid'))];
+  await waitFor('both workers busy', () => p.stats().busy === 2);
   assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 0, busy: 2, queued: 1 });
   const results = await Promise.all(runs);
   assert.deepEqual(
