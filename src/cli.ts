@@ -60,6 +60,23 @@ async function main(): Promise<void> {
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  // gunicorn's signals: TTIN adds a worker, TTOU removes one (after its task), HUP rolls
+  // every worker onto the task module's current code.
+  const resizeBy = (delta: number) => {
+    const count = service.pool.size + delta;
+    if (count < 1) return logger.warn('SIGTTOU: already at one worker');
+    try {
+      service.setWorkers(count);
+    } catch (err) {
+      logger.warn({ err }, 'cannot resize now');
+    }
+  };
+  process.on('SIGTTIN', () => resizeBy(1));
+  process.on('SIGTTOU', () => resizeBy(-1));
+  process.on('SIGHUP', () => {
+    logger.info('SIGHUP: reloading the workers');
+    void service.reload();
+  });
 
   try {
     await service.start();
