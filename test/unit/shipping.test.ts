@@ -1,0 +1,170 @@
+// The shipping files held to the contract, without a Docker engine: they parse, and what
+// they name (files, routes, ports, credentials, metrics) is what the service really has.
+import assert from 'node:assert/strict';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import pino from 'pino';
+import { Registry } from 'prom-client';
+import { parseAllDocuments, parse as parseYaml } from 'yaml';
+import { buildServer, ROUTES } from '../../src/http.ts';
+import { SERVICE_METRIC_NAMES } from '../../src/metrics.ts';
+import { OUTCOMES } from '../../src/outcome.ts';
+import { ROOT } from '../helpers.ts';
+
+const read = (path: string) => readFileSync(join(ROOT, path), 'utf8');
+// biome-ignore lint/suspicious/noExplicitAny: parsed YAML and JSON documents, walked by known paths
+type Obj = Record<string, any>;
+
+const compose = parseYaml(read('docker-compose.yml')) as Obj;
+const dockerfile = read('Dockerfile');
+const k8s = readdirSync(join(ROOT, 'deploy/kubernetes'))
+  .filter((f) => f.endsWith('.yaml'))
+  .flatMap((f) => parseAllDocuments(read(`deploy/kubernetes/${f}`)).map((d) => d.toJSON() as Obj));
+const deployment = k8s.find((d) => d.kind === 'Deployment') as Obj;
+const container = deployment.spec.template.spec.containers[0] as Obj;
+
+function servedRoutes() {
+  const app = buildServer({
+    health: () => ({
+      status: 'ok',
+      amqp: { connected: true, blocked: false },
+      workers: { desired: 1, up: 1, busy: 0 },
+      tasksInFlight: 0,
+    }),
+    status: () => {
+      throw new Error('unused');
+    },
+    setWorkers: () => {},
+    registry: new Registry(),
+    requestShutdown: () => {},
+    shutdownToken: undefined,
+    logger: pino({ level: 'silent' }),
+  });
+  return app;
+}
+
+test('the image: Node.js 24, tini as PID 1, non-root, a HEALTHCHECK on /health/live, SIGTERM, the port', () => {
+  const stages = new Set([...dockerfile.matchAll(/^FROM \S+ AS (\S+)/gm)].map((m) => m[1]));
+  const images = [...dockerfile.matchAll(/^FROM (\S+)/gm)].map((m) => m[1]).filter((f) => !stages.has(f));
+  assert.ok(
+    images.length > 0 && images.every((f) => f?.startsWith('node:24')),
+    `every base image is Node 24: ${images}`,
+  );
+  const runtime = dockerfile.slice(dockerfile.indexOf('AS runtime'));
+  assert.match(runtime, /^USER node$/m);
+  assert.match(runtime, /^STOPSIGNAL SIGTERM$/m);
+  assert.match(runtime, /^EXPOSE 8080$/m);
+  assert.match(runtime, /^HEALTHCHECK .*\n.*\/health\/live/m);
+  assert.ok(runtime.includes(ROUTES.live));
+  const entry = /^ENTRYPOINT (\[.*\])$/m.exec(runtime)?.[1];
+  const argv = JSON.parse(entry ?? '[]') as string[];
+  assert.equal(argv[0], '/usr/bin/tini');
+  assert.match(dockerfile, /apt-get install .*tini/);
+  const script = argv.find((a) => a.endsWith('.ts'));
+  assert.ok(script !== undefined && existsSync(join(ROOT, script)), `the entry ${script} exists`);
+  assert.match(runtime, /npm ci --omit=dev|--from=deps/);
+  for (const [, src] of dockerfile.matchAll(/^COPY (?!--from)(\S+)/gm)) {
+    assert.ok(existsSync(join(ROOT, src as string)), `COPY ${src} exists`);
+  }
+  const ignored = read('.dockerignore').split('\n');
+  assert.ok(ignored.includes('node_modules'));
+});
+
+test('compose: RabbitMQ with testuser and a healthcheck, the service waiting for it, the test service', () => {
+  const { rabbitmq, test: tests } = compose.services;
+  const service = compose.services['amqp-concurrency'];
+  assert.equal(rabbitmq.environment.RABBITMQ_DEFAULT_USER, 'testuser');
+  assert.equal(rabbitmq.environment.RABBITMQ_DEFAULT_PASS, 'testuser');
+  assert.match(rabbitmq.image, /management/);
+  assert.ok(rabbitmq.healthcheck.test.length > 0);
+  for (const s of [service, tests]) {
+    assert.equal(s.depends_on.rabbitmq.condition, 'service_healthy');
+    const url = new URL(s.environment.AMQP_URL);
+    assert.equal(url.hostname, 'rabbitmq');
+    assert.equal(`${url.username}:${url.password}`, 'testuser:testuser');
+  }
+  assert.equal(service.build.target, 'runtime');
+  assert.equal(tests.build.target, 'test');
+  assert.deepEqual(tests.command, ['npm', 'test']);
+  assert.deepEqual(tests.profiles, ['test'], 'not started by a plain `docker compose up`');
+  assert.ok(service.environment.SHUTDOWN_TOKEN);
+  const port = String(service.environment.HTTP_PORT);
+  assert.ok(service.ports.includes(`${port}:${port}`));
+  const grace = Number(String(service.stop_grace_period).replace(/s$/, ''));
+  assert.ok(grace > Number(service.environment.SHUTDOWN_TIMEOUT), 'Docker waits longer than the drain');
+  for (const name of ['prometheus', 'grafana'])
+    assert.deepEqual(compose.services[name].profiles, ['monitoring']);
+  for (const volume of [...compose.services.prometheus.volumes, ...compose.services.grafana.volumes]) {
+    assert.ok(existsSync(join(ROOT, volume.split(':')[0])), `${volume} exists`);
+  }
+  const scrape = parseYaml(read('deploy/prometheus/prometheus.yml')) as Obj;
+  assert.deepEqual(scrape.scrape_configs[0].static_configs[0].targets, [`amqp-concurrency:${port}`]);
+  assert.equal(scrape.scrape_configs[0].metrics_path, ROUTES.metrics);
+});
+
+test('Kubernetes: probes on routes the server really serves, on the container port; grace past the drain', async () => {
+  const app = servedRoutes();
+  await app.ready();
+  const live = container.livenessProbe.httpGet;
+  const ready = container.readinessProbe.httpGet;
+  assert.equal(live.path, ROUTES.live);
+  assert.equal(ready.path, ROUTES.ready);
+  for (const path of [live.path, ready.path]) {
+    assert.equal((await app.inject({ method: 'GET', url: path })).statusCode, 200, `${path} is served`);
+  }
+  const port = container.ports.find((p: Obj) => p.name === live.port);
+  assert.equal(port.containerPort, 8080);
+  const env = Object.fromEntries(container.env.map((e: Obj) => [e.name, e.value]));
+  assert.equal(Number(env.HTTP_PORT), port.containerPort);
+  const annotations = deployment.spec.template.metadata.annotations;
+  assert.equal(annotations['prometheus.io/port'], String(port.containerPort));
+  assert.equal(annotations['prometheus.io/path'], ROUTES.metrics);
+  const preStop = container.lifecycle.preStop.sleep?.seconds ?? 0;
+  assert.ok(
+    deployment.spec.template.spec.terminationGracePeriodSeconds > Number(env.SHUTDOWN_TIMEOUT) + preStop,
+  );
+  assert.equal(container.securityContext.readOnlyRootFilesystem, true);
+  assert.equal(container.securityContext.allowPrivilegeEscalation, false);
+  assert.equal(deployment.spec.template.spec.securityContext.runAsNonRoot, true);
+  const secret = k8s.find((d) => d.kind === 'Secret') as Obj;
+  assert.ok(secret.stringData.AMQP_URL && secret.stringData.SHUTDOWN_TOKEN);
+  assert.equal(container.envFrom[0].secretRef.name, secret.metadata.name);
+  const scaled = k8s.find((d) => d.kind === 'ScaledObject') as Obj;
+  assert.equal(scaled.spec.triggers[0].type, 'rabbitmq');
+  assert.equal(scaled.spec.scaleTargetRef.name, deployment.metadata.name);
+  await app.close();
+});
+
+test('the dashboard and the alerts use only metrics and label values the service exports', () => {
+  const texts = [
+    read('deploy/grafana/dashboards/amqp-concurrency.json'),
+    read('deploy/prometheus/alerts.yml'),
+  ];
+  const dashboard = JSON.parse(texts[0] as string) as Obj;
+  assert.ok(dashboard.panels.length >= 8);
+  const known = new Set(SERVICE_METRIC_NAMES);
+  const used = new Set<string>();
+  for (const text of texts) {
+    for (const [name] of text.matchAll(/amqp_concurrency_[a-z_]+/g))
+      used.add(name.replace(/_(bucket|sum|count)$/, ''));
+  }
+  for (const name of used) assert.ok(known.has(name), `${name} is exported`);
+  for (const needed of [
+    'amqp_concurrency_tasks_total',
+    'amqp_concurrency_task_duration_seconds',
+    'amqp_concurrency_workers',
+    'amqp_concurrency_worker_restarts_total',
+    'amqp_concurrency_messages_dead_lettered_total',
+    'amqp_concurrency_amqp_connected',
+  ]) {
+    assert.ok(used.has(needed), `${needed} is charted or watched`);
+  }
+  const values = new Set<string>([...OUTCOMES, 'idle', 'busy', 'timeout', 'crash', 'recycle']);
+  for (const text of texts) {
+    for (const [, list] of text.matchAll(/(?:outcome|state|reason)=~?\\?"([^"\\]+)\\?"/g)) {
+      for (const v of (list as string).split('|'))
+        assert.ok(values.has(v), `label value ${v} is one the service uses`);
+    }
+  }
+});
