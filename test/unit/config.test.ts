@@ -1,0 +1,148 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { defaultPrefetch, parseConfig, redactUrl } from '../../src/config.ts';
+import type { ServiceError } from '../../src/errors.ts';
+
+function config(argv: string[], env: Record<string, string> = {}) {
+  const parsed = parseConfig(argv, env);
+  assert.equal(parsed.kind, 'run');
+  return (parsed as Extract<typeof parsed, { kind: 'run' }>).config;
+}
+
+function configError(argv: string[], env: Record<string, string> = {}): string {
+  try {
+    parseConfig(argv, env);
+  } catch (err) {
+    assert.equal((err as ServiceError).code, 'ERR_CONFIG');
+    const message = (err as Error).message;
+    assert.equal(message.split('\n').length, 1, 'one line');
+    return message;
+  }
+  assert.fail(`no error for ${argv.join(' ')} ${JSON.stringify(env)}`);
+}
+
+test('the defaults of SPEC §1', () => {
+  const c = config([]);
+  assert.equal(c.workers, 1);
+  assert.equal(c.workerTimeout, 30);
+  assert.equal(c.amqpUrl, 'amqp://testuser:testuser@localhost:5672/');
+  assert.equal(c.exchange, 'curio_amqp_exchange');
+  assert.equal(c.queue, 'curio_amqp_queue');
+  assert.equal(c.routingKey, 'curio_amqp');
+  assert.equal(c.httpHost, '0.0.0.0');
+  assert.equal(c.httpPort, 8080);
+  assert.equal(c.shutdownTimeout, 30);
+  assert.equal(c.shutdownToken, undefined);
+  assert.equal(c.prefetch, defaultPrefetch(1));
+  assert.match(c.taskPath, /tasks\/index\.ts$/);
+  assert.equal(c.maxRetries, 0);
+  assert.equal(c.queueType, 'classic');
+});
+
+test("every flag, the Python tool's spellings, and --flag=value", () => {
+  const c = config([
+    '--workers',
+    '4',
+    '--task_path',
+    'x.ts',
+    '--worker_timeout',
+    '2.5',
+    '--amqp_url',
+    'amqps://u:p@h:5671/v',
+    '--exchange',
+    'e',
+    '--queue',
+    'q',
+    '--routing-key',
+    'k',
+    '--prefetch=7',
+    '--http-host',
+    '127.0.0.1',
+    '--http-port',
+    '0',
+    '--shutdown-timeout',
+    '3',
+    '--max-retries',
+    '2',
+    '--retry-delay',
+    '0.5',
+    '--queue-type',
+    'quorum',
+    '--kill-grace',
+    '0',
+    '--max-tasks-per-worker',
+    '10',
+    '--max-worker-memory',
+    '512',
+  ]);
+  assert.deepEqual(
+    [c.workers, c.taskPath, c.workerTimeout, c.amqpUrl, c.exchange, c.queue, c.routingKey, c.prefetch],
+    [4, 'x.ts', 2.5, 'amqps://u:p@h:5671/v', 'e', 'q', 'k', 7],
+  );
+  assert.deepEqual(
+    [c.httpHost, c.httpPort, c.shutdownTimeout, c.maxRetries, c.retryDelay, c.queueType, c.killGrace],
+    ['127.0.0.1', 0, 3, 2, 0.5, 'quorum', 0],
+  );
+  assert.deepEqual([c.maxTasksPerWorker, c.maxWorkerMemory], [10, 512]);
+  assert.deepEqual(
+    config(['--task-path', 'a', '--worker-timeout', '1', '--amqp-url', 'amqp://h']).taskPath,
+    'a',
+  );
+});
+
+test('a flag beats its env variable, which beats the default', () => {
+  assert.equal(config([], { WORKERS: '3' }).workers, 3);
+  assert.equal(config(['--workers', '5'], { WORKERS: '3' }).workers, 5);
+  assert.equal(config([], { WORKERS: '' }).workers, 1, 'an empty variable is unset');
+  assert.equal(config([], { SHUTDOWN_TOKEN: 't0k' }).shutdownToken, 't0k');
+  assert.equal(config([], { QUEUE: 'fromenv' }).queue, 'fromenv');
+  assert.equal(
+    config([], { WORKERS: '4' }).prefetch,
+    defaultPrefetch(4),
+    'the default prefetch follows the workers',
+  );
+});
+
+test('--help and --version', () => {
+  assert.deepEqual(parseConfig(['--help'], {}), { kind: 'help' });
+  assert.deepEqual(parseConfig(['--workers', '2', '-h'], {}), { kind: 'help' });
+  assert.deepEqual(parseConfig(['--version'], {}), { kind: 'version' });
+});
+
+test('every bad value: one line naming the flag, and never a password', () => {
+  const cases: [string[], Record<string, string>, RegExp][] = [
+    [['--workers', '0'], {}, /^--workers: must be a whole number of at least 1/],
+    [['--workers', '-1'], {}, /^--workers: /],
+    [['--workers', '1.5'], {}, /^--workers: /],
+    [['--workers', 'abc'], {}, /^--workers: /],
+    [['--bogus'], {}, /^--bogus: unknown option/],
+    [['stray'], {}, /^stray: unexpected argument/],
+    [['--queue'], {}, /^--queue: needs a value/],
+    [['--queue', ''], {}, /^--queue: must not be empty/],
+    [['--amqp-url', 'http://u:secret@h/'], {}, /^--amqp-url: must be an amqp:\/\/ or amqps:\/\/ URL/],
+    [['--amqp-url', 'amqp//u:secret@h:x:y'], {}, /^--amqp-url: is not a URL/],
+    [['--http-port', '70000'], {}, /^--http-port: must be a port number/],
+    [['--worker-timeout', '0'], {}, /^--worker-timeout: must be a number of seconds greater than 0/],
+    [['--worker-timeout', '9999999'], {}, /^--worker-timeout: must be at most/],
+    [['--queue-type', 'stream'], {}, /^--queue-type: must be classic or quorum/],
+    [['--max-retries', '-1'], {}, /^--max-retries: must be a whole number of at least 0/],
+    [[], { LOG_LEVEL: 'loud' }, /^LOG_LEVEL: must be one of/],
+    [[], { WORKERS: 'many' }, /^WORKERS: must be a whole number/],
+    [[], { AMQP_URL: 'redis://u:secret@h' }, /^AMQP_URL: must be an amqp/],
+  ];
+  for (const [argv, env, pattern] of cases) {
+    const message = configError(argv, env);
+    assert.match(message, pattern);
+    assert.doesNotMatch(message, /secret/, 'no password in the error');
+  }
+});
+
+test('redactUrl hides the password only', () => {
+  assert.equal(redactUrl('amqp://user:hunter2@host:5672/vh'), 'amqp://user:***@host:5672/vh');
+  assert.equal(redactUrl('amqp://host/'), 'amqp://host/');
+  assert.doesNotMatch(redactUrl('garbage://user:hunter2@'), /hunter2/);
+});
+
+test('defaultPrefetch: 32 per worker, at most 1000', () => {
+  assert.deepEqual([1, 2, 4, 100].map(defaultPrefetch), [32, 64, 128, 1000]);
+});
