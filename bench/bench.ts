@@ -1,0 +1,295 @@
+// `npm run bench`: the service against the raw amqplib consumer, measured in the same run
+// on the same broker, so that the figures are ratios a noisy shared machine can keep.
+// Prints a table, or JSON with --json; --quick runs smaller batches.
+import { type ChildProcess, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { once } from 'node:events';
+import os from 'node:os';
+import { fileURLToPath } from 'node:url';
+import amqp, { type ConfirmChannel } from 'amqplib';
+
+const AMQP_URL = process.env.AMQP_URL ?? 'amqp://testuser:testuser@localhost:5672/';
+const QUICK = process.argv.includes('--quick');
+const JSON_OUT = process.argv.includes('--json');
+const N = QUICK ? 10_000 : 40_000;
+const CPU_TASKS = QUICK ? 100 : 400;
+const MEMORY_TASKS = QUICK ? 40_000 : 200_000;
+const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
+const TASKS = fileURLToPath(new URL('./tasks.ts', import.meta.url));
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const log = (msg: string) => {
+  if (!JSON_OUT) process.stderr.write(`${msg}\n`);
+};
+
+const connection = await amqp.connect(AMQP_URL);
+const channel: ConfirmChannel = await connection.createConfirmChannel();
+const made: string[] = [];
+
+async function fill(queue: string, n: number, body: (i: number) => Buffer): Promise<void> {
+  for (let i = 0; i < n; i++) {
+    if (!channel.sendToQueue(queue, body(i), { persistent: false })) await once(channel, 'drain');
+    if (i % 2000 === 1999) await channel.waitForConfirms();
+  }
+  await channel.waitForConfirms();
+}
+
+const noopBody = Buffer.from('{"func":"noop"}');
+
+async function rawCeiling(): Promise<number> {
+  const queue = `bench.raw.${randomUUID().slice(0, 8)}`;
+  await channel.assertQueue(queue, { durable: true });
+  made.push(queue);
+  await fill(queue, N, () => noopBody);
+  const consumer = await connection.createChannel();
+  await consumer.prefetch(1000);
+  let got = 0;
+  const start = performance.now();
+  await new Promise<void>((resolve) => {
+    void consumer.consume(queue, (m) => {
+      if (m === null) return;
+      consumer.ack(m);
+      if (++got === N) resolve();
+    });
+  });
+  const rate = N / ((performance.now() - start) / 1000);
+  await consumer.close();
+  return rate;
+}
+
+interface Running {
+  child: ChildProcess;
+  port: number;
+  queue: string;
+  metrics: () => Promise<string>;
+  total: () => Promise<number>;
+  stop: () => Promise<void>;
+}
+
+async function startService(workers: number, queue: string, extra: string[] = []): Promise<Running> {
+  await channel.assertQueue(queue, { durable: true });
+  made.push(queue, `${queue}.dead`);
+  const port = 20000 + Math.floor(Math.random() * 20000);
+  const child = spawn(
+    process.execPath,
+    [
+      CLI,
+      '--queue',
+      queue,
+      '--exchange',
+      `${queue}.x`,
+      '--workers',
+      String(workers),
+      '--task-path',
+      TASKS,
+      '--http-port',
+      String(port),
+      ...extra,
+    ],
+    { env: { ...process.env, AMQP_URL, LOG_LEVEL: 'warn' }, stdio: ['ignore', 'ignore', 'inherit'] },
+  );
+  const metrics = async () => (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const total = async () =>
+    (await metrics())
+      .split('\n')
+      .filter((l) => l.startsWith('amqp_concurrency_tasks_total{'))
+      .reduce((sum, l) => sum + Number(l.split(' ').at(-1)), 0);
+  for (;;) {
+    try {
+      if ((await fetch(`http://127.0.0.1:${port}/health`)).status === 200) break;
+    } catch {}
+    await sleep(50);
+  }
+  const stop = async () => {
+    child.kill('SIGTERM');
+    await once(child, 'exit');
+    await channel.deleteExchange(`${queue}.x`).catch(() => {});
+  };
+  return { child, port, queue, metrics, total, stop };
+}
+
+/** Waits until the service has `n` outcomes; returns tasks per second from its first one. */
+async function rateUntil(service: Running, n: number, pollMs = 25): Promise<number> {
+  let first = 0;
+  while ((first = await service.total()) === 0) await sleep(2);
+  const start = performance.now();
+  while ((await service.total()) < n) await sleep(pollMs);
+  return (n - first) / ((performance.now() - start) / 1000);
+}
+
+/** Tiny tasks: the queue is filled first, then the service drains it. */
+async function tiny(workers: number): Promise<number> {
+  const queue = `bench.tiny${workers}.${randomUUID().slice(0, 8)}`;
+  await channel.assertQueue(queue, { durable: true });
+  await fill(queue, N, () => noopBody);
+  const service = await startService(workers, queue);
+  const rate = await rateUntil(service, N);
+  await service.stop();
+  return rate;
+}
+
+async function cpuEfficiency(): Promise<number> {
+  const queue = `bench.cpu.${randomUUID().slice(0, 8)}`;
+  await channel.assertQueue(queue, { durable: true });
+  await fill(queue, CPU_TASKS, () => Buffer.from('{"func":"burn","args":[10]}'));
+  const service = await startService(2, queue);
+  const start = performance.now();
+  while ((await service.total()) < CPU_TASKS) await sleep(10);
+  const actual = performance.now() - start;
+  await service.stop();
+  return (CPU_TASKS * 10) / 2 / actual;
+}
+
+function percentile(values: number[], p: number): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN;
+}
+
+/** Publish→start and publish→reply latency at a fixed rate, through reply_to. */
+async function latency(rate: number) {
+  const queue = `bench.latency.${randomUUID().slice(0, 8)}`;
+  const service = await startService(2, queue);
+  const replies = await channel.assertQueue('', { exclusive: true });
+  const sent = new Map<string, number>();
+  const toStart: number[] = [];
+  const toReply: number[] = [];
+  const count = Math.min(QUICK ? 2_000 : 10_000, Math.round(rate * 5));
+  const done = new Promise<void>((resolve) => {
+    void channel.consume(
+      replies.queue,
+      (m) => {
+        if (m === null) return;
+        const now = performance.timeOrigin + performance.now();
+        const id = String(m.properties.correlationId);
+        const at = sent.get(id) as number;
+        toStart.push((JSON.parse(String(m.content)).result as number) - at);
+        toReply.push(now - at);
+        if (toReply.length === count) resolve();
+      },
+      { noAck: true },
+    );
+  });
+  const body = Buffer.from('{"func":"stamp"}');
+  const intervalMs = 1000 / rate;
+  const start = performance.now();
+  for (let i = 0; i < count; i++) {
+    const due = start + i * intervalMs;
+    while (performance.now() < due) {
+      if (due - performance.now() > 2) await sleep(1);
+      else await new Promise((r) => setImmediate(r));
+    }
+    const id = String(i);
+    sent.set(id, performance.timeOrigin + performance.now());
+    channel.sendToQueue(queue, body, { replyTo: replies.queue, correlationId: id });
+  }
+  await done;
+  await service.stop();
+  return {
+    rate: Math.round(rate),
+    startP50: percentile(toStart, 50),
+    startP99: percentile(toStart, 99),
+    replyP50: percentile(toReply, 50),
+    replyP99: percentile(toReply, 99),
+  };
+}
+
+async function memory() {
+  const rss = async (s: Running) => {
+    const line = (await s.metrics()).split('\n').find((l) => l.startsWith('process_resident_memory_bytes '));
+    return Number(line?.split(' ')[1]) / 2 ** 20;
+  };
+  const queue = `bench.memory.${randomUUID().slice(0, 8)}`;
+  const service = await startService(2, queue);
+  const idle = await rss(service);
+  await fill(queue, 10_000, () => noopBody);
+  while ((await service.total()) < 10_000) await sleep(50);
+  const after10k = await rss(service);
+  await fill(queue, MEMORY_TASKS - 10_000, () => noopBody);
+  while ((await service.total()) < MEMORY_TASKS) await sleep(100);
+  const afterAll = await rss(service);
+  await service.stop();
+  // A backlog: the queue full before the service starts; it holds only the prefetch.
+  const backlogQueue = `bench.backlog.${randomUUID().slice(0, 8)}`;
+  await channel.assertQueue(backlogQueue, { durable: true });
+  await fill(backlogQueue, MEMORY_TASKS, () => Buffer.from('{"func":"burn","args":[50]}'));
+  const backlog = await startService(2, backlogQueue);
+  await sleep(2_000);
+  const withBacklog = await rss(backlog);
+  await backlog.stop();
+  made.push(backlogQueue);
+  return { idle, after10k, afterAll, withBacklog, growth: afterAll / after10k - 1 };
+}
+
+const started = performance.now();
+log(
+  `machine: ${os.cpus().length} cpus, node ${process.version}, RabbitMQ ${String(connection.connection.serverProperties.version)}`,
+);
+log('raw amqplib consumer...');
+const raw = await rawCeiling();
+const tinyRates: Record<string, number> = {};
+for (const workers of [1, 2, 4]) {
+  log(`service, tiny tasks, ${workers} workers...`);
+  tinyRates[workers] = await tiny(workers);
+}
+log('CPU-bound tasks, 2 workers...');
+const efficiency = await cpuEfficiency();
+log('latency at half the measured rate, 2 workers...');
+const lat = await latency(Number(process.env.BENCH_LATENCY_RATE) || (tinyRates[2] as number) / 2);
+log(`master memory over ${MEMORY_TASKS} tasks...`);
+const mem = await memory();
+
+for (const q of new Set(made)) await channel.deleteQueue(q).catch(() => {});
+await connection.close();
+
+const result = {
+  machine: {
+    cpus: os.cpus().length,
+    node: process.version,
+    rabbitmq: String(connection.connection.serverProperties.version),
+  },
+  rawConsumerPerSecond: Math.round(raw),
+  tinyTasks: Object.fromEntries(
+    Object.entries(tinyRates).map(([w, r]) => [
+      `${w} workers`,
+      { perSecond: Math.round(r), ratio: +(r / raw).toFixed(3) },
+    ]),
+  ),
+  cpuBoundEfficiency: +efficiency.toFixed(3),
+  latencyMs: lat,
+  masterRssMb: mem,
+  seconds: Math.round((performance.now() - started) / 1000),
+};
+
+if (JSON_OUT) process.stdout.write(`${JSON.stringify(result, null, 2)}\n`);
+else {
+  const f = (n: number) => n.toFixed(2);
+  const rows = [
+    ['raw amqplib consumer (prefetch 1000, ack each)', `${result.rawConsumerPerSecond}/s`, '1.000'],
+    ...Object.entries(result.tinyTasks).map(([w, v]) => [
+      `service, tiny tasks, ${w}`,
+      `${v.perSecond}/s`,
+      v.ratio.toFixed(3),
+    ]),
+    ['CPU-bound 10 ms tasks, 2 workers: efficiency', f(result.cpuBoundEfficiency), ''],
+    [`latency at ${lat.rate}/s: publish→start p50 / p99 (ms)`, `${f(lat.startP50)} / ${f(lat.startP99)}`, ''],
+    [`latency at ${lat.rate}/s: publish→reply p50 / p99 (ms)`, `${f(lat.replyP50)} / ${f(lat.replyP99)}`, ''],
+    [
+      'master RSS idle / after 10k / after all (MB)',
+      `${f(mem.idle)} / ${f(mem.after10k)} / ${f(mem.afterAll)}`,
+      '',
+    ],
+    [`master RSS with a backlog of ${MEMORY_TASKS} (MB)`, f(mem.withBacklog), ''],
+    ['RSS growth from 10k tasks to the end', `${(mem.growth * 100).toFixed(1)}%`, ''],
+  ];
+  const w0 = Math.max(...rows.map((r) => (r[0] as string).length));
+  const w1 = Math.max(...rows.map((r) => (r[1] as string).length));
+  process.stdout.write(`| measure${' '.repeat(w0 - 7)} | value${' '.repeat(w1 - 5)} | ratio |\n`);
+  process.stdout.write(`|${'-'.repeat(w0 + 2)}|${'-'.repeat(w1 + 2)}|-------|\n`);
+  for (const [a, b, c] of rows)
+    process.stdout.write(
+      `| ${(a as string).padEnd(w0)} | ${(b as string).padEnd(w1)} | ${(c as string).padEnd(5)} |\n`,
+    );
+  process.stdout.write(
+    `\n${result.machine.cpus} cpus, node ${result.machine.node}, RabbitMQ ${result.machine.rabbitmq}, ${result.seconds} s\n`,
+  );
+}
