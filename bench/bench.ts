@@ -110,8 +110,11 @@ async function startService(workers: number, queue: string, extra: string[] = []
 
 /** Waits until the service has `n` outcomes; returns tasks per second from its first one. */
 async function rateUntil(service: Running, n: number, pollMs = 25): Promise<number> {
-  let first = 0;
-  while ((first = await service.total()) === 0) await sleep(2);
+  let first = await service.total();
+  while (first === 0) {
+    await sleep(2);
+    first = await service.total();
+  }
   const start = performance.now();
   while ((await service.total()) < n) await sleep(pollMs);
   return (n - first) / ((performance.now() - start) / 1000);
