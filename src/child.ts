@@ -34,20 +34,14 @@ const queue: RunTask[] = [];
 /** The running task, one at most. */
 let running: { taskId: number; controller: AbortController } | undefined;
 let timeoutMs = 0;
-/** Results of this event-loop turn, sent together. */
-let results: TaskOutcome[] = [];
-let flushing = false;
-
+/**
+ * Each result goes out before the next task starts: a task that kills the process
+ * (process.exit, a native crash) must not take the results of the tasks before it along,
+ * or the master would count a finished task as crashed. The master still reads many
+ * results per read of the pipe.
+ */
 function report(outcome: TaskOutcome): void {
-  results.push(outcome);
-  if (flushing) return;
-  flushing = true;
-  setImmediate(() => {
-    flushing = false;
-    const batch = results;
-    results = [];
-    send({ type: 'done', results: batch, rssBytes: process.memoryUsage.rss() });
-  });
+  send({ type: 'done', results: [outcome], rssBytes: process.memoryUsage.rss() });
 }
 
 async function runTask(funcs: Map<string, TaskFunction>, task: RunTask): Promise<TaskOutcome> {

@@ -2,9 +2,9 @@
 // by `type`; every task carries its `taskId`. This is the only shape that crosses.
 //
 // Tasks travel in batches: the master may hand a child several short tasks in one message
-// (the child runs them one at a time, in order), and the child reports the results of one
-// event-loop turn in one message. Each crossing is a write on a pipe, and for tiny tasks
-// those writes, not the tasks, are what cost.
+// (the child runs them one at a time, in order). Each crossing is a write on a pipe, and
+// for tiny tasks those writes, not the tasks, are what cost. Results come back one per
+// message, each before the next task starts (see child.ts).
 import type { SerializedError } from './errors.ts';
 
 /** What a task may learn about the delivery it runs for (see task-context.ts). */
