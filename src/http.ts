@@ -2,7 +2,12 @@
 // returns an instance that is not listening yet, so tests drive it with inject() and the
 // service decides when to listen and (last of all, during a drain) when to close.
 import { timingSafeEqual } from 'node:crypto';
-import Fastify, { type FastifyBaseLogger, type FastifyInstance, type FastifyReply } from 'fastify';
+import Fastify, {
+  type FastifyBaseLogger,
+  type FastifyInstance,
+  type FastifyReply,
+  type FastifyRequest,
+} from 'fastify';
 import type { Logger } from 'pino';
 import type { Registry } from 'prom-client';
 
@@ -57,6 +62,8 @@ export const ROUTES = {
   ready: '/health/ready',
   metrics: '/metrics',
   shutdown: '/shutdown',
+  status: '/status',
+  workers: '/workers',
 } as const;
 
 export function buildServer(deps: HttpDeps): FastifyInstance {
@@ -79,17 +86,50 @@ export function buildServer(deps: HttpDeps): FastifyInstance {
     return reply.type(deps.registry.contentType).send(body);
   });
 
-  app.post(ROUTES.shutdown, async (req, reply) => {
+  /** The bearer rules of every operating route; true when the request may go on. */
+  const authorised = (req: FastifyRequest, reply: FastifyReply): boolean => {
     const verdict = checkBearer(req.headers.authorization, deps.shutdownToken);
     if (verdict === 'disabled') {
-      return reply.code(403).send({ error: 'shutdown over HTTP is disabled: SHUTDOWN_TOKEN is not set' });
+      void reply.code(403).send({ error: 'operating over HTTP is disabled: SHUTDOWN_TOKEN is not set' });
+      return false;
     }
     if (verdict === 'denied') {
-      return reply
+      void reply
         .code(401)
         .header('www-authenticate', 'Bearer')
         .send({ error: 'a valid Authorization: Bearer token is required' });
+      return false;
     }
+    return true;
+  };
+
+  app.get(ROUTES.status, async (req, reply) => {
+    if (!authorised(req, reply)) return reply;
+    return deps.status();
+  });
+
+  app.put(ROUTES.workers, async (req, reply) => {
+    if (!authorised(req, reply)) return reply;
+    const count = (req.body as { count?: unknown } | undefined)?.count;
+    if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 1 || count > 1000) {
+      return reply
+        .code(400)
+        .send({ error: 'the body must be {"count": N} with N a whole number from 1 to 1000' });
+    }
+    try {
+      deps.setWorkers(count);
+    } catch (err) {
+      if ((err as { code?: unknown }).code === 'ERR_POOL_CLOSED')
+        return reply.code(409).send({ error: 'draining' });
+      if (err instanceof RangeError) return reply.code(400).send({ error: err.message });
+      throw err;
+    }
+    req.log.info({ count }, 'workers set over HTTP');
+    return reply.code(202).send({ count });
+  });
+
+  app.post(ROUTES.shutdown, async (req, reply) => {
+    if (!authorised(req, reply)) return reply;
     req.log.info('shutdown requested over HTTP');
     deps.requestShutdown('http');
     return reply.code(202).send({ status: 'draining' });

@@ -111,3 +111,43 @@ test('checkBearer', () => {
   assert.equal(checkBearer('Bearer abc', undefined), 'disabled');
   assert.equal(checkBearer('Bearer abc', ''), 'disabled');
 });
+
+test('GET /status and PUT /workers: behind the token; the count is checked; 409 while draining', async (t) => {
+  const sizes: number[] = [];
+  let draining = false;
+  const { app } = server({
+    status: () => ({
+      health: ok,
+      workers: [{ pid: 1, state: 'busy', func: 'add', runningForMs: 3, tasksDone: 7, rssBytes: 1 }],
+      queued: 2,
+      prefetch: 64,
+    }),
+    setWorkers: (n) => {
+      if (draining) throw Object.assign(new Error('the pool is shutting down'), { code: 'ERR_POOL_CLOSED' });
+      sizes.push(n);
+    },
+  });
+  t.after(() => app.close());
+  const auth = { authorization: 'Bearer the-token' };
+  assert.equal((await app.inject({ method: 'GET', url: '/status' })).statusCode, 401);
+  const status = await app.inject({ method: 'GET', url: '/status', headers: auth });
+  assert.equal(status.statusCode, 200);
+  assert.equal(status.json().workers[0].tasksDone, 7);
+  assert.equal((await app.inject({ method: 'PUT', url: '/workers', payload: { count: 3 } })).statusCode, 401);
+  for (const payload of [{ count: 0 }, { count: 1.5 }, { count: '3' }, {}, { count: 1001 }]) {
+    const res = await app.inject({ method: 'PUT', url: '/workers', payload, headers: auth });
+    assert.equal(res.statusCode, 400, JSON.stringify(payload));
+  }
+  const set = await app.inject({ method: 'PUT', url: '/workers', payload: { count: 3 }, headers: auth });
+  assert.equal(set.statusCode, 202);
+  assert.deepEqual(set.json(), { count: 3 });
+  assert.deepEqual(sizes, [3]);
+  draining = true;
+  assert.equal(
+    (await app.inject({ method: 'PUT', url: '/workers', payload: { count: 2 }, headers: auth })).statusCode,
+    409,
+  );
+  const off = server({ shutdownToken: undefined });
+  t.after(() => off.app.close());
+  assert.equal((await off.app.inject({ method: 'GET', url: '/status', headers: auth })).statusCode, 403);
+});
