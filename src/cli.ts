@@ -2,6 +2,7 @@
 // The entry point, and the only module that touches `process`: it reads the flags and the
 // env, owns the signals and the exit codes (2: a bad flag, task module or topology).
 import { readFileSync } from 'node:fs';
+import { publishCommand, statusCommand } from './commands.ts';
 import { helpText, parseConfig } from './config.ts';
 import { exitCodeFor, ServiceError } from './errors.ts';
 import { createLogger } from './logger.ts';
@@ -26,7 +27,19 @@ function die(err: unknown): never {
   process.exit(exitCodeFor(err));
 }
 
+async function subcommand(name: string): Promise<never> {
+  const io = { out: (t: string) => process.stdout.write(t), err: (t: string) => process.stderr.write(t) };
+  const run = name === 'publish' ? publishCommand : statusCommand;
+  try {
+    process.exit(await run(process.argv.slice(3), process.env, io));
+  } catch (err) {
+    die(err);
+  }
+}
+
 async function main(): Promise<void> {
+  const command = process.argv[2];
+  if (command === 'publish' || command === 'status') await subcommand(command);
   let parsed: ReturnType<typeof parseConfig>;
   let moduleUrl: string;
   try {

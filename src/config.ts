@@ -379,7 +379,9 @@ export function parseConfig(
 
 export function helpText(): string {
   const lines = [
-    'Usage: amqp-concurrency [options]',
+    'Usage: amqp-concurrency [options]           run the service',
+    '       amqp-concurrency publish FUNC [ARGS]  send a task (see publish --help)',
+    '       amqp-concurrency status               show the workers (see status --help)',
     '',
     'Options (each also read from the env variable shown):',
   ];

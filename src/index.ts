@@ -1,4 +1,6 @@
 // The package's public face for task modules and programs that embed the service.
+
+export { Client, type ClientOptions, createClient, TaskCallError } from './client.ts';
 export type { Config } from './config.ts';
 export { parseConfig } from './config.ts';
 export { ServiceError } from './errors.ts';
