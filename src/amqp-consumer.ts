@@ -3,6 +3,14 @@
 // never once that channel has closed (RabbitMQ answers a stale tag with a 406 that closes
 // the channel and requeues everything on it). A lost connection, a closed channel or a
 // consumer cancelled by the broker is followed by a reconnect with backoff, forever.
+//
+// Why our own loop rather than amqplib's opt-in recovery (connect(..., { recovery })):
+// that wrapper reconnects and re-runs a setup function, but it hands back new channels
+// behind the old objects, so a delivery cannot tell the channel it came from, and ack
+// discipline (never settle a tag from a closed channel) needs exactly that. It also does
+// not see a consumer cancelled by the broker, and says nothing /health can use. Here a
+// session is connection + channel + topology + consume; anything that ends it starts
+// the next one with jittered backoff, and each delivery carries its own channel.
 import { EventEmitter } from 'node:events';
 import amqp, { type Channel, type ChannelModel, type ConsumeMessage } from 'amqplib';
 import type { Logger } from 'pino';
