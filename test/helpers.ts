@@ -207,3 +207,34 @@ export async function getJson(
   const res = await fetch(`http://127.0.0.1:${port}${path}`);
   return { status: res.status, body: (await res.json()) as Record<string, unknown> };
 }
+
+/** The flags a spawned test service runs with: its own queue and exchange, any free port, the fixture tasks. */
+export function cliArgs(queue: string, extra: string[] = []): string[] {
+  return [
+    '--queue',
+    queue,
+    '--exchange',
+    `${queue}.x`,
+    '--http-port',
+    '0',
+    '--task-path',
+    FIXTURE_TASKS,
+    ...extra,
+  ];
+}
+
+/** Spawns the CLI on `queue` (later flags in `extra` win) and waits until it is healthy; cleans up after. */
+export async function startCliService(
+  t: TestContext,
+  queue: string,
+  extra: string[] = [],
+  env: Record<string, string> = {},
+): Promise<{ b: Broker; cli: SpawnedCli; port: number }> {
+  const b = await broker(t);
+  b.cleanup(queue, `${queue}.dead`);
+  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
+  const cli = spawnCli(t, cliArgs(queue, extra), env);
+  const port = await readyPort(cli);
+  await waitFor('the service to be healthy', async () => (await getJson(port, '/health')).status === 200);
+  return { b, cli, port };
+}

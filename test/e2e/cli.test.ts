@@ -7,29 +7,14 @@ import {
   AMQP_URL,
   broker,
   CLI,
-  FIXTURE_TASKS,
+  cliArgs,
   freshName,
   getJson,
   ROOT,
-  readyPort,
-  type SpawnedCli,
   spawnCli,
+  startCliService,
   waitFor,
 } from '../helpers.ts';
-
-function cliArgs(queue: string, extra: string[] = []): string[] {
-  return [
-    '--queue',
-    queue,
-    '--exchange',
-    `${queue}.x`,
-    '--http-port',
-    '0',
-    '--task_path',
-    FIXTURE_TASKS,
-    ...extra,
-  ];
-}
 
 /** Waits until the service logs that a task of `func` started... by watching the pool become busy. */
 async function waitBusy(port: number, busy: number): Promise<void> {
@@ -126,23 +111,9 @@ test('a queue declared otherwise (the old non-durable one) ends start-up with ex
   assert.doesNotMatch(cli.stderr(), /^\s+at /m, 'no stack trace');
 });
 
-async function startCli(t: Parameters<typeof spawnCli>[0], queue: string, extra: string[] = [], env = {}) {
-  const b = await broker(t);
-  b.cleanup(queue, `${queue}.dead`);
-  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
-  const cli = spawnCli(t, cliArgs(queue, extra), env);
-  const port = await readyPort(cli);
-  await waitFor('the service to be healthy', async () => (await getJson(port, '/health')).status === 200);
-  return { b, cli, port };
-}
-
-async function exitOf(cli: SpawnedCli) {
-  return cli.exit;
-}
-
 test('SIGTERM drains: running tasks finish and are acked, the rest go back, exit 0', async (t) => {
   const queue = freshName(t);
-  const { b, cli, port } = await startCli(t, queue, ['--workers', '1', '--prefetch', '10']);
+  const { b, cli, port } = await startCliService(t, queue, ['--workers', '1', '--prefetch', '10']);
   const replies = await b.channel.assertQueue('', { exclusive: true });
   await b.send(queue, { func: 'sleep', args: [1] }, { replyTo: replies.queue, correlationId: 'running' });
   for (let i = 0; i < 5; i++)
@@ -159,12 +130,11 @@ test('SIGTERM drains: running tasks finish and are acked, the rest go back, exit
     900,
   );
   assert.equal(during.body.status, 'draining');
-  const { code } = await exitOf(cli);
+  const { code } = await cli.exit;
   assert.equal(code, 0);
   const [reply] = await b.take(replies.queue, 1);
   assert.deepEqual(JSON.parse(String(reply?.content)), { ok: true, result: 'slept' });
   const back = await b.drainQueue(queue);
-  if (back.length !== 5) console.log(cli.stdout());
   assert.deepEqual(
     back.map((m) => m.properties.messageId).sort(),
     [0, 1, 2, 3, 4].map((i) => `waiting-${i}`),
@@ -174,11 +144,11 @@ test('SIGTERM drains: running tasks finish and are acked, the rest go back, exit
 
 test('a task still running at the shutdown deadline is killed and its message goes back', async (t) => {
   const queue = freshName(t);
-  const { b, cli, port } = await startCli(t, queue, ['--workers', '1', '--shutdown-timeout', '0.5']);
+  const { b, cli, port } = await startCliService(t, queue, ['--workers', '1', '--shutdown-timeout', '0.5']);
   await b.send(queue, { func: 'sleep', args: [30] }, { messageId: 'long' });
   await waitBusy(port, 1);
   cli.child.kill('SIGTERM');
-  const { code } = await exitOf(cli);
+  const { code } = await cli.exit;
   assert.equal(code, 0);
   const back = await b.drainQueue(queue);
   assert.deepEqual(
@@ -190,7 +160,7 @@ test('a task still running at the shutdown deadline is killed and its message go
 
 test('a second signal stops at once; the broker requeues what was not acked', async (t) => {
   const queue = freshName(t);
-  const { b, cli, port } = await startCli(t, queue, ['--workers', '1', '--shutdown-timeout', '60']);
+  const { b, cli, port } = await startCliService(t, queue, ['--workers', '1', '--shutdown-timeout', '60']);
   await b.send(queue, { func: 'sleep', args: [60] }, { messageId: 'long' });
   await waitBusy(port, 1);
   cli.child.kill('SIGINT');
@@ -199,14 +169,14 @@ test('a second signal stops at once; the broker requeues what was not acked', as
     async () => (await getJson(port, '/health')).body.status === 'draining',
   );
   cli.child.kill('SIGINT');
-  const { code } = await exitOf(cli);
+  const { code } = await cli.exit;
   assert.notEqual(code, 0);
   const back = await b.take(queue, 1);
   assert.equal(back[0]?.properties.messageId, 'long');
 });
 
 test('POST /shutdown: 403 without a token configured, 401 with a wrong one, 202 and a drain with the right one', async (t) => {
-  const plain = await startCli(t, freshName(t));
+  const plain = await startCliService(t, freshName(t));
   const forbidden = await fetch(`http://127.0.0.1:${plain.port}/shutdown`, {
     method: 'POST',
     headers: { authorization: 'Bearer anything' },
@@ -215,7 +185,7 @@ test('POST /shutdown: 403 without a token configured, 401 with a wrong one, 202 
   assert.equal((await getJson(plain.port, '/health')).status, 200, 'still serving');
 
   const queue = freshName(t);
-  const { cli, port } = await startCli(t, queue, [], { SHUTDOWN_TOKEN: 's3cret-token' });
+  const { cli, port } = await startCliService(t, queue, [], { SHUTDOWN_TOKEN: 's3cret-token' });
   const url = `http://127.0.0.1:${port}/shutdown`;
   assert.equal((await fetch(url, { method: 'POST' })).status, 401);
   assert.equal(
@@ -225,7 +195,7 @@ test('POST /shutdown: 403 without a token configured, 401 with a wrong one, 202 
   assert.equal((await getJson(port, '/health')).status, 200, 'a refused request does not drain');
   const ok = await fetch(url, { method: 'POST', headers: { authorization: 'Bearer s3cret-token' } });
   assert.equal(ok.status, 202);
-  const { code } = await exitOf(cli);
+  const { code } = await cli.exit;
   assert.equal(code, 0);
   assert.doesNotMatch(cli.stdout(), /s3cret-token/, 'the token is never logged');
   assert.doesNotMatch(cli.stdout(), /testuser:testuser/, 'the password is never logged');
@@ -247,7 +217,7 @@ function alive(pid: number): boolean {
 
 test('workers do not outlive a master killed with SIGKILL, even in a busy loop', async (t) => {
   const queue = freshName(t);
-  const { b, cli, port } = await startCli(t, queue, ['--workers', '2', '--worker-timeout', '60']);
+  const { b, cli, port } = await startCliService(t, queue, ['--workers', '2', '--worker-timeout', '60']);
   await b.send(queue, { func: 'spin' });
   await waitBusy(port, 1);
   const pid = cli.child.pid as number;
@@ -262,7 +232,7 @@ test('workers do not outlive a master killed with SIGKILL, even in a busy loop',
 
 test('one good task through the bin, as a user would run it', async (t) => {
   const queue = freshName(t);
-  const { b, cli, port } = await startCli(t, queue, ['--workers', '2', '--amqp-url', AMQP_URL]);
+  const { b, cli, port } = await startCliService(t, queue, ['--workers', '2', '--amqp-url', AMQP_URL]);
   const replies = await b.channel.assertQueue('', { exclusive: true });
   await b.channel.publish(`${queue}.x`, 'curio_amqp', Buffer.from('{"func":"add","args":[40,2]}'), {
     replyTo: replies.queue,

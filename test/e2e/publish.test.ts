@@ -7,45 +7,14 @@ import { promisify } from 'node:util';
 import { createClient, type TaskCallError } from '../../src/client.ts';
 import { parseArg } from '../../src/commands.ts';
 import type * as fixtures from '../fixtures/tasks.ts';
-import {
-  AMQP_URL,
-  broker,
-  CLI,
-  FIXTURE_TASKS,
-  freshName,
-  getJson,
-  ROOT,
-  readyPort,
-  spawnCli,
-  waitFor,
-} from '../helpers.ts';
+import { AMQP_URL, CLI, freshName, ROOT, type spawnCli, startCliService } from '../helpers.ts';
 
 const run = promisify(execFile);
 
 async function service(t: Parameters<typeof spawnCli>[0]) {
   const queue = freshName(t);
-  const b = await broker(t);
-  b.cleanup(queue, `${queue}.dead`);
-  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
-  const cli = spawnCli(
-    t,
-    [
-      '--queue',
-      queue,
-      '--exchange',
-      `${queue}.x`,
-      '--http-port',
-      '0',
-      '--task-path',
-      FIXTURE_TASKS,
-      '--workers',
-      '2',
-    ],
-    { SHUTDOWN_TOKEN: 'tok' },
-  );
-  const port = await readyPort(cli);
-  await waitFor('healthy', async () => (await getJson(port, '/health')).status === 200);
-  return { queue, port, exchange: `${queue}.x`, b };
+  const { port } = await startCliService(t, queue, ['--workers', '2'], { SHUTDOWN_TOKEN: 'tok' });
+  return { port, exchange: `${queue}.x` };
 }
 
 async function cli(args: string[], env: Record<string, string> = {}) {

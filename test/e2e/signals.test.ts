@@ -4,7 +4,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { broker, freshName, getJson, readyPort, spawnCli, waitFor } from '../helpers.ts';
+import { freshName, getJson, startCliService, waitFor } from '../helpers.ts';
 
 test('SIGTTIN adds a worker, SIGTTOU removes one, SIGHUP runs new task code; nothing lost', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'signals-'));
@@ -14,23 +14,9 @@ test('SIGTTIN adds a worker, SIGTTOU removes one, SIGHUP runs new task code; not
     writeFileSync(module, `export function version() { return ${JSON.stringify(v)}; }`);
   write('v1');
   const queue = freshName(t);
-  const b = await broker(t);
-  b.cleanup(queue, `${queue}.dead`);
-  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
-  const cli = spawnCli(t, [
-    '--queue',
-    queue,
-    '--exchange',
-    `${queue}.x`,
-    '--http-port',
-    '0',
-    '--task-path',
-    module,
-  ]);
-  const port = await readyPort(cli);
+  const { b, cli, port } = await startCliService(t, queue, ['--task-path', module]);
   const workers = async () =>
     (await getJson(port, '/health')).body.workers as { desired: number; up: number };
-  await waitFor('healthy', async () => (await getJson(port, '/health')).status === 200);
   cli.child.kill('SIGTTIN');
   await waitFor('two workers', async () => {
     const w = await workers();
