@@ -10,7 +10,7 @@ import { closeConnections, faultsUnavailable, startBroker, stopBroker } from '..
 import {
   type Broker,
   broker,
-  FIXTURE_TASKS,
+  cliArgs,
   freshName,
   getJson,
   readyPort,
@@ -150,27 +150,17 @@ test('a master killed with SIGKILL loses nothing: a new one runs what was not ac
   const queue = freshName(t);
   b.cleanup(queue, `${queue}.dead`);
   t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
-  const args = [
-    '--queue',
-    queue,
-    '--exchange',
-    `${queue}.x`,
-    '--http-port',
-    '0',
-    '--task-path',
-    FIXTURE_TASKS,
-  ];
   const path = runsFile(t);
   const replies = await b.channel.assertQueue('', { exclusive: true });
   const n = 200;
-  const first = spawnCli(t, [...args, '--workers', '2', '--prefetch', '50']);
+  const first = spawnCli(t, cliArgs(queue, ['--workers', '2', '--prefetch', '50']));
   const port = await readyPort(first);
   await waitFor('the queue to exist', async () => (await getJson(port, '/health')).status === 200);
   await publishLoad(b, queue, path, n, replies.queue, 10);
   await waitFor('some progress', () => runCounts(path).size >= 50);
   first.child.kill('SIGKILL');
   await first.exit;
-  const second = spawnCli(t, [...args, '--workers', '2']);
+  const second = spawnCli(t, cliArgs(queue, ['--workers', '2']));
   await readyPort(second);
   await everyIdReplied(b, replies.queue, n);
   const runs = runCounts(path);
@@ -235,16 +225,7 @@ test('started while the broker is down, it stays up with /health 503 and connect
     if (!restarted) startBroker();
   });
   stopBroker();
-  const cli = spawnCli(t, [
-    '--queue',
-    queue,
-    '--exchange',
-    `${queue}.x`,
-    '--http-port',
-    '0',
-    '--task-path',
-    FIXTURE_TASKS,
-  ]);
+  const cli = spawnCli(t, cliArgs(queue));
   const port = await readyPort(cli);
   const down = await getJson(port, '/health');
   assert.equal(down.status, 503);
