@@ -2,11 +2,12 @@
 // The entry point, and the only module that touches `process`: it reads the flags and the
 // env, owns the signals and the exit codes (2: a bad flag, task module or topology).
 import { readFileSync } from 'node:fs';
-import { publishCommand, statusCommand } from './commands.ts';
 import { helpText, parseConfig } from './config.ts';
 import { exitCodeFor, ServiceError } from './errors.ts';
 import { createLogger } from './logger.ts';
+import { publishCommand } from './publish-command.ts';
 import { Service } from './service.ts';
+import { statusCommand } from './status-command.ts';
 import { resolveTaskModule } from './task-module.ts';
 
 function version(): string {
@@ -27,11 +28,16 @@ function die(err: unknown): never {
   process.exit(exitCodeFor(err));
 }
 
-async function subcommand(name: string): Promise<never> {
+/** The subcommands besides the service itself; each returns its exit code. */
+const SUBCOMMANDS = { publish: publishCommand, status: statusCommand } as const;
+
+async function subcommand(run: (typeof SUBCOMMANDS)[keyof typeof SUBCOMMANDS]): Promise<never> {
   const io = { out: (t: string) => process.stdout.write(t), err: (t: string) => process.stderr.write(t) };
-  const run = name === 'publish' ? publishCommand : statusCommand;
   try {
-    process.exit(await run(process.argv.slice(3), process.env, io));
+    const code = await run(process.argv.slice(3), process.env, io);
+    // Let stdout drain before exiting: a pipe is asynchronous on some systems.
+    await new Promise<void>((resolve) => process.stdout.write('', () => resolve()));
+    process.exit(code);
   } catch (err) {
     die(err);
   }
@@ -39,7 +45,7 @@ async function subcommand(name: string): Promise<never> {
 
 async function main(): Promise<void> {
   const command = process.argv[2];
-  if (command === 'publish' || command === 'status') await subcommand(command);
+  if (command === 'publish' || command === 'status') await subcommand(SUBCOMMANDS[command]);
   let parsed: ReturnType<typeof parseConfig>;
   let moduleUrl: string;
   try {

@@ -4,143 +4,283 @@
 //   import type * as tasks from './tasks/index.ts';
 //   const client = await createClient<typeof tasks>();
 //   const sum = await client.call('test', [1, 2]);   // number; a wrong argument is a compile error
+//
+// One connection and one confirm channel per client. Messages are published persistent
+// and mandatory, so a message that no queue would take is an error, not a silent drop.
+// A lost connection is not reopened: everything pending rejects with ERR_CLIENT_CLOSED
+// and the caller makes a new client.
 import { randomUUID } from 'node:crypto';
-import amqp, { type ChannelModel, type ConfirmChannel } from 'amqplib';
+import amqp, { type ChannelModel, type ConfirmChannel, type ConsumeMessage, type Options } from 'amqplib';
+import { withHeartbeat } from './amqp-url.ts';
 import { DEFAULT_AMQP_URL } from './config.ts';
 
 // biome-ignore lint/suspicious/noExplicitAny: task signatures are the caller's; any keeps them open
 type AnyTask = (...args: any[]) => unknown;
-export type TaskModule = Record<string, unknown>;
-type TaskNames<T> = { [K in keyof T]: T[K] extends AnyTask ? K : never }[keyof T] & string;
-type ArgsOf<T, K extends keyof T> = T[K] extends AnyTask ? Parameters<T[K]> : never;
-type ResultOf<T, K extends keyof T> = T[K] extends AnyTask ? Awaited<ReturnType<T[K]>> : never;
+/** A task module's type, as `typeof import('./tasks.ts')` gives it. */
+export type TaskModule = object;
+/** The client's types when no task module is given: any name, any arguments, an unknown result. */
+export type AnyTasks = Record<string, AnyTask>;
+/** The names a message can call: the module's exported functions (never `default`). */
+export type TaskName<T> = Exclude<
+  { [K in keyof T]-?: T[K] extends AnyTask ? K : never }[keyof T],
+  'default'
+> &
+  string;
+export type TaskArgs<T, K extends keyof T> = T[K] extends AnyTask ? Parameters<T[K]> : never;
+export type TaskResult<T, K extends keyof T> = T[K] extends AnyTask ? Awaited<ReturnType<T[K]>> : never;
 
 export interface ClientOptions {
+  /** Default: the testuser URL on localhost, as the service's. A heartbeat of 10 s is added unless given. */
   url?: string;
+  /** Default: curio_amqp_exchange, as the service's. */
   exchange?: string;
+  /** Default: curio_amqp, as the service's. */
   routingKey?: string;
 }
 
+export interface SendOptions {
+  /** Default: a random UUID. The service uses it to recognise a redelivered message. */
+  messageId?: string;
+  replyTo?: string;
+  correlationId?: string;
+  headers?: Record<string, unknown>;
+}
+
+export interface CallOptions {
+  /** How long to wait for the result, from the call on (default 30 s). */
+  timeoutMs?: number;
+  messageId?: string;
+}
+
+/** The outcomes other than `succeeded` (SPEC §2). */
+export type FailureKind = 'failed' | 'timeout' | 'crashed' | 'rejected';
+
 /** A task that ended otherwise than succeeded; `kind` is its outcome. */
 export class TaskCallError extends Error {
-  readonly code: string;
-  readonly kind: string;
-  constructor(kind: string, message: string, code = 'ERR_TASK_CALL') {
+  readonly code = 'ERR_TASK_CALL';
+  readonly kind: FailureKind;
+  constructor(kind: FailureKind, message: string) {
     super(message);
     this.name = 'TaskCallError';
     this.kind = kind;
+  }
+}
+
+export type ClientErrorCode =
+  | 'ERR_CALL_TIMEOUT' // no result within timeoutMs; the task may still run
+  | 'ERR_UNROUTABLE' // no queue is bound for the exchange and routing key: the broker dropped it
+  | 'ERR_NOT_CONFIRMED' // the broker nacked the message, or the channel closed before it confirmed
+  | 'ERR_CLIENT_CLOSED' // close() was called, or the connection or channel closed
+  | 'ERR_BAD_REPLY'; // the reply was not {"ok": ...} JSON
+
+/** What went wrong on the client's side, rather than in the task. */
+export class ClientError extends Error {
+  readonly code: ClientErrorCode;
+  constructor(code: ClientErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'ClientError';
     this.code = code;
   }
 }
 
 const REPLY_TO = 'amq.rabbitmq.reply-to';
+const KINDS: readonly string[] = ['failed', 'timeout', 'crashed', 'rejected'];
 
-export class Client<T extends TaskModule> {
+type Settle = (err: Error | undefined, result?: unknown) => void;
+
+export class Client<T extends TaskModule = AnyTasks> {
+  readonly exchange: string;
+  readonly routingKey: string;
   readonly #connection: ChannelModel;
   readonly #channel: ConfirmChannel;
-  readonly #exchange: string;
-  readonly #routingKey: string;
-  readonly #pending = new Map<string, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
+  /** Calls waiting for their reply, by correlation id. */
+  readonly #pending = new Map<string, Settle>();
+  /** Message ids the broker returned as unroutable; their confirm follows the return. */
+  readonly #returned = new Set<string>();
   #replies: Promise<unknown> | undefined;
+  /** Set once the client can no longer publish: why. */
+  #closed: ClientError | undefined;
+  /** The last error the broker gave for the channel or connection (say, a missing exchange). */
+  #lastError: Error | undefined;
 
   constructor(connection: ChannelModel, channel: ConfirmChannel, exchange: string, routingKey: string) {
     this.#connection = connection;
     this.#channel = channel;
-    this.#exchange = exchange;
-    this.#routingKey = routingKey;
+    this.exchange = exchange;
+    this.routingKey = routingKey;
+    const remember = (err: Error) => {
+      this.#lastError = err;
+    };
+    connection.on('error', remember);
+    channel.on('error', remember);
+    const lost = (what: string) => () => {
+      const why = this.#lastError === undefined ? '' : `: ${this.#lastError.message}`;
+      this.#shut(new ClientError('ERR_CLIENT_CLOSED', `the ${what} to the broker closed${why}`));
+    };
+    connection.on('close', lost('connection'));
+    channel.on('close', lost('channel'));
+    channel.on('return', (m: ConsumeMessage) => {
+      if (typeof m.properties.messageId === 'string') this.#returned.add(m.properties.messageId);
+    });
   }
 
   /** Publishes the task and resolves with its message id once the broker has confirmed it. */
-  async send<K extends TaskNames<T>>(
+  async send<K extends TaskName<T>>(
     func: K,
-    args: ArgsOf<T, K>,
+    args: TaskArgs<T, K>,
     kwargs?: Record<string, unknown>,
-    options: { messageId?: string; replyTo?: string; correlationId?: string } = {},
+    options: SendOptions = {},
   ): Promise<string> {
     const messageId = options.messageId ?? randomUUID();
-    const body = Buffer.from(JSON.stringify(kwargs === undefined ? { func, args } : { func, args, kwargs }));
-    await new Promise<void>((resolve, reject) => {
-      this.#channel.publish(
-        this.#exchange,
-        this.#routingKey,
-        body,
-        {
-          persistent: true,
-          contentType: 'application/json',
-          messageId,
-          ...(options.replyTo === undefined ? {} : { replyTo: options.replyTo }),
-          ...(options.correlationId === undefined ? {} : { correlationId: options.correlationId }),
-        },
-        (err) => (err ? reject(new Error('the broker did not confirm the message')) : resolve()),
-      );
-    });
+    const body = JSON.stringify(kwargs === undefined ? { func, args } : { func, args, kwargs });
+    const properties: Options.Publish = {
+      persistent: true,
+      mandatory: true,
+      contentType: 'application/json',
+      messageId,
+    };
+    if (options.replyTo !== undefined) properties.replyTo = options.replyTo;
+    if (options.correlationId !== undefined) properties.correlationId = options.correlationId;
+    if (options.headers !== undefined) properties.headers = options.headers;
+    await this.#publish(Buffer.from(body), messageId, properties);
     return messageId;
   }
 
-  /** Runs the task and resolves with its result; rejects with a TaskCallError for another outcome or a timeout. */
-  async call<K extends TaskNames<T>>(
-    func: K,
-    args: ArgsOf<T, K>,
-    kwargs?: Record<string, unknown>,
-    { timeoutMs = 30_000 }: { timeoutMs?: number } = {},
-  ): Promise<ResultOf<T, K>> {
-    // Direct reply-to: consume the pseudo-queue (no ack) on this channel before publishing.
-    this.#replies ??= this.#channel.consume(
-      REPLY_TO,
-      (m) => {
-        if (m === null) return;
-        const waiting = this.#pending.get(String(m.properties.correlationId));
-        if (waiting === undefined) return;
-        this.#pending.delete(String(m.properties.correlationId));
-        try {
-          const reply = JSON.parse(m.content.toString()) as
-            | { ok: true; result: unknown }
-            | { ok: false; error: { kind: string; message: string } };
-          if (reply.ok) waiting.resolve(reply.result);
-          else waiting.reject(new TaskCallError(reply.error.kind, reply.error.message));
-        } catch (err) {
-          waiting.reject(err as Error);
-        }
-      },
-      { noAck: true },
-    );
-    await this.#replies;
-    const correlationId = randomUUID();
-    const result = new Promise<unknown>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#pending.delete(correlationId);
-        reject(
-          new TaskCallError('timeout', `no result for ${func} within ${timeoutMs} ms`, 'ERR_CALL_TIMEOUT'),
-        );
-      }, timeoutMs);
-      this.#pending.set(correlationId, {
-        resolve: (v) => {
-          clearTimeout(timer);
-          resolve(v);
-        },
-        reject: (e) => {
-          clearTimeout(timer);
-          reject(e);
-        },
-      });
+  #publish(content: Buffer, messageId: string, properties: Options.Publish): Promise<void> {
+    if (this.#closed !== undefined) return Promise.reject(this.#closed);
+    return new Promise<void>((resolve, reject) => {
+      const confirmed = (err: unknown) => {
+        // The broker sends basic.return before the ack of the same message.
+        if (this.#returned.delete(messageId)) {
+          reject(
+            new ClientError(
+              'ERR_UNROUTABLE',
+              `no queue is bound to exchange "${this.exchange}" with routing key "${this.routingKey}": the broker dropped the message`,
+            ),
+          );
+        } else if (err) {
+          const cause = this.#lastError ?? err;
+          const why = this.#lastError?.message ?? (err instanceof Error ? err.message : String(err));
+          reject(
+            new ClientError('ERR_NOT_CONFIRMED', `the broker did not confirm the message: ${why}`, { cause }),
+          );
+        } else resolve();
+      };
+      try {
+        this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
+      } catch (err) {
+        // amqplib throws at once on a channel that has closed.
+        reject(this.#closed ?? new ClientError('ERR_CLIENT_CLOSED', 'the channel is closed', { cause: err }));
+      }
     });
-    await this.send(func, args, kwargs, { replyTo: REPLY_TO, correlationId });
-    return (await result) as ResultOf<T, K>;
   }
 
+  /**
+   * Runs the task and resolves with its result. Rejects with a TaskCallError whose `kind`
+   * is the outcome when the task did not succeed, and with a ClientError (ERR_CALL_TIMEOUT,
+   * ERR_UNROUTABLE, ...) when no result can come.
+   */
+  async call<K extends TaskName<T>>(
+    func: K,
+    args: TaskArgs<T, K>,
+    kwargs?: Record<string, unknown>,
+    options: CallOptions = {},
+  ): Promise<TaskResult<T, K>> {
+    const timeoutMs = options.timeoutMs ?? 30_000;
+    if (this.#closed !== undefined) throw this.#closed;
+    // Direct reply-to: the pseudo-queue is consumed (no ack) on this channel before any
+    // publish that names it; one consumer serves every call, told apart by correlation id.
+    this.#replies ??= this.#channel
+      .consume(REPLY_TO, (m) => this.#onReply(m), { noAck: true })
+      .catch((err: unknown) => {
+        this.#replies = undefined;
+        throw this.#closed ?? err;
+      });
+    await this.#replies;
+
+    const correlationId = randomUUID();
+    const { promise, resolve, reject } = Promise.withResolvers<unknown>();
+    // The reply can come before the confirm (or instead of it, when the channel closes
+    // in between); it is awaited below, so mark it handled to keep it from counting as
+    // an unhandled rejection meanwhile.
+    promise.catch(() => {});
+    const timer = setTimeout(() => {
+      this.#pending.delete(correlationId);
+      reject(
+        new ClientError(
+          'ERR_CALL_TIMEOUT',
+          `no result for ${func} within ${timeoutMs} ms (the task may still run)`,
+        ),
+      );
+    }, timeoutMs);
+    this.#pending.set(correlationId, (err, result) => {
+      clearTimeout(timer);
+      this.#pending.delete(correlationId);
+      if (err === undefined) resolve(result);
+      else reject(err);
+    });
+    try {
+      await this.send(func, args, kwargs, {
+        replyTo: REPLY_TO,
+        correlationId,
+        ...(options.messageId === undefined ? {} : { messageId: options.messageId }),
+      });
+    } catch (err) {
+      this.#pending.get(correlationId)?.(err as Error);
+    }
+    return (await promise) as TaskResult<T, K>;
+  }
+
+  #onReply(m: ConsumeMessage | null): void {
+    if (m === null) {
+      this.#shut(new ClientError('ERR_CLIENT_CLOSED', 'the broker cancelled the reply consumer'));
+      return;
+    }
+    const settle = this.#pending.get(String(m.properties.correlationId));
+    if (settle === undefined) return; // a call that timed out already
+    let reply: unknown;
+    try {
+      reply = JSON.parse(m.content.toString());
+    } catch (err) {
+      settle(new ClientError('ERR_BAD_REPLY', 'the reply is not JSON', { cause: err }));
+      return;
+    }
+    const r = reply as { ok?: unknown; result?: unknown; error?: { kind?: unknown; message?: unknown } };
+    if (r.ok === true) settle(undefined, r.result);
+    else if (r.ok === false && typeof r.error?.kind === 'string' && KINDS.includes(r.error.kind))
+      settle(new TaskCallError(r.error.kind as FailureKind, String(r.error.message ?? '')));
+    else settle(new ClientError('ERR_BAD_REPLY', 'the reply is not {"ok": true, ...} or {"ok": false, ...}'));
+  }
+
+  /** Ends every pending call with `reason`; later calls reject with it too. */
+  #shut(reason: ClientError): void {
+    this.#closed ??= reason;
+    for (const settle of [...this.#pending.values()]) settle(this.#closed);
+  }
+
+  /** Closes the connection; calls still waiting reject with ERR_CLIENT_CLOSED. Idempotent. */
   async close(): Promise<void> {
-    for (const [, waiting] of this.#pending) waiting.reject(new Error('the client closed'));
-    this.#pending.clear();
+    this.#shut(new ClientError('ERR_CLIENT_CLOSED', 'the client is closed'));
     await this.#connection.close().catch(() => {});
   }
 }
 
-export async function createClient<T extends TaskModule = TaskModule>(
+/** Connects and opens the confirm channel; resolves with a client ready to send. */
+export async function createClient<T extends TaskModule = AnyTasks>(
   opts: ClientOptions = {},
 ): Promise<Client<T>> {
-  const connection = await amqp.connect(opts.url ?? DEFAULT_AMQP_URL);
-  const channel = await connection.createConfirmChannel();
-  channel.on('error', () => {}); // surfaced through the publish callbacks and close
+  const connection = await amqp.connect(withHeartbeat(opts.url ?? DEFAULT_AMQP_URL), {
+    clientProperties: { connection_name: `amqp-concurrency client (pid ${process.pid})` },
+  });
+  // Until the client listens itself: an 'error' event without a listener would throw.
+  connection.on('error', () => {});
+  let channel: ConfirmChannel;
+  try {
+    channel = await connection.createConfirmChannel();
+  } catch (err) {
+    await connection.close().catch(() => {});
+    throw err;
+  }
   return new Client<T>(
     connection,
     channel,

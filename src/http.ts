@@ -66,10 +66,26 @@ export const ROUTES = {
   workers: '/workers',
 } as const;
 
+/** pino's number for warn. */
+const WARN = 40;
+
+/** The most workers PUT /workers sets: a typo must not fork ten thousand processes. */
+export const MAX_WORKERS = 1000;
+
+/** A request body, short, for an error message. */
+function describe(body: unknown): string {
+  const text = JSON.stringify(body) ?? 'no body';
+  return text.length > 60 ? `${text.slice(0, 60)}…` : text;
+}
+
 export function buildServer(deps: HttpDeps): FastifyInstance {
   const app = Fastify({
-    // At warn: a line per probe and scrape every few seconds would drown the task lines.
-    loggerInstance: deps.logger.child({ component: 'http' }, { level: 'warn' }) as FastifyBaseLogger,
+    // At warn (or quieter, when the service is): a line per probe and scrape every few
+    // seconds would drown the task lines.
+    loggerInstance: deps.logger.child(
+      { component: 'http' },
+      { level: deps.logger.levelVal < WARN ? 'warn' : deps.logger.level },
+    ) as FastifyBaseLogger,
     return503OnClosing: false,
   });
 
@@ -86,51 +102,46 @@ export function buildServer(deps: HttpDeps): FastifyInstance {
     return reply.type(deps.registry.contentType).send(body);
   });
 
-  /** The bearer rules of every operating route; true when the request may go on. */
-  const authorised = (req: FastifyRequest, reply: FastifyReply): boolean => {
+  // The bearer rules of every operating route, checked on request, before the body is
+  // read: a caller without the token learns nothing, not even whether its body was valid.
+  const authorise = async (req: FastifyRequest, reply: FastifyReply) => {
     const verdict = checkBearer(req.headers.authorization, deps.shutdownToken);
     if (verdict === 'disabled') {
-      void reply.code(403).send({ error: 'operating over HTTP is disabled: SHUTDOWN_TOKEN is not set' });
-      return false;
+      return reply.code(403).send({ error: 'operating over HTTP is disabled: SHUTDOWN_TOKEN is not set' });
     }
     if (verdict === 'denied') {
-      void reply
+      return reply
         .code(401)
         .header('www-authenticate', 'Bearer')
         .send({ error: 'a valid Authorization: Bearer token is required' });
-      return false;
     }
-    return true;
   };
 
-  app.get(ROUTES.status, async (req, reply) => {
-    if (!authorised(req, reply)) return reply;
-    return deps.status();
-  });
+  app.get(ROUTES.status, { onRequest: authorise }, async () => deps.status());
 
-  app.put(ROUTES.workers, async (req, reply) => {
-    if (!authorised(req, reply)) return reply;
-    const count = (req.body as { count?: unknown } | undefined)?.count;
-    if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 1 || count > 1000) {
-      return reply
-        .code(400)
-        .send({ error: 'the body must be {"count": N} with N a whole number from 1 to 1000' });
+  app.put(ROUTES.workers, { onRequest: authorise }, async (req, reply) => {
+    const body = req.body as { count?: unknown } | null | undefined;
+    const count = typeof body === 'object' && body !== null ? body.count : undefined;
+    if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 1 || count > MAX_WORKERS) {
+      return reply.code(400).send({
+        error: `the body must be {"count": N} with N a whole number from 1 to ${MAX_WORKERS} (got ${describe(body)})`,
+      });
     }
     try {
       deps.setWorkers(count);
     } catch (err) {
       if ((err as { code?: unknown }).code === 'ERR_POOL_CLOSED')
-        return reply.code(409).send({ error: 'draining' });
+        return reply.code(409).send({ error: 'the service is draining: the pool cannot be resized' });
       if (err instanceof RangeError) return reply.code(400).send({ error: err.message });
       throw err;
     }
-    req.log.info({ count }, 'workers set over HTTP');
+    // On the service's logger: the http one is at warn, and an operator's action belongs in the log.
+    deps.logger.info({ count }, 'workers set over HTTP');
     return reply.code(202).send({ count });
   });
 
-  app.post(ROUTES.shutdown, async (req, reply) => {
-    if (!authorised(req, reply)) return reply;
-    req.log.info('shutdown requested over HTTP');
+  app.post(ROUTES.shutdown, { onRequest: authorise }, async (_req, reply) => {
+    deps.logger.info('shutdown requested over HTTP');
     deps.requestShutdown('http');
     return reply.code(202).send({ status: 'draining' });
   });
