@@ -40,7 +40,6 @@ export class Dispatcher {
   readonly #running = new Map<string, Work>();
   readonly #finishedUnacked: RecentIds;
   #draining = false;
-  #duplicates = 0;
 
   constructor(opts: DispatcherOptions) {
     this.#opts = opts;
@@ -51,11 +50,6 @@ export class Dispatcher {
   /** Messages received and not yet settled. */
   get inFlight(): number {
     return this.#inFlight.size;
-  }
-
-  /** Redeliveries settled without running the task again. */
-  get duplicatesSkipped(): number {
-    return this.#duplicates;
   }
 
   handle(delivery: Delivery): void {
@@ -78,14 +72,12 @@ export class Dispatcher {
     if (this.#finishedUnacked.has(messageId)) {
       this.#finishedUnacked.delete(messageId);
       consumer.ack(delivery);
-      this.#duplicates++;
       this.#log.info(fields, 'redelivery of a message that already finished: acked, not run again');
       return true;
     }
     const running = this.#running.get(messageId);
     if (running !== undefined && !consumer.isLive(running.delivery)) {
       running.delivery = delivery;
-      this.#duplicates++;
       this.#log.info(fields, 'redelivery of a message still running: it will be settled when the run ends');
       return true;
     }

@@ -238,3 +238,12 @@ export async function startCliService(
   await waitFor('the service to be healthy', async () => (await getJson(port, '/health')).status === 200);
   return { b, cli, port };
 }
+
+/** The value of one series (`name{labels}`) in the service's /metrics text, or undefined when absent. */
+export async function seriesValue(
+  service: { metrics: { registry: { metrics(): Promise<string> } } },
+  series: string,
+): Promise<number | undefined> {
+  const line = (await service.metrics.registry.metrics()).split('\n').find((l) => l.startsWith(`${series} `));
+  return line === undefined ? undefined : Number(line.slice(series.length + 1));
+}

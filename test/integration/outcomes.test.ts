@@ -2,16 +2,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { GetMessage } from 'amqplib';
-import { broker, startService, testConfig, waitFor } from '../helpers.ts';
+import { broker, seriesValue, startService, testConfig, waitFor } from '../helpers.ts';
 
 function header(m: GetMessage, name: string): unknown {
   return m.properties.headers?.[name];
-}
-
-async function metricValue(service: { metrics: { registry: { metrics(): Promise<string> } } }, line: string) {
-  const text = await service.metrics.registry.metrics();
-  const found = text.split('\n').find((l) => l.startsWith(`${line} `));
-  return found === undefined ? undefined : Number(found.slice(line.length + 1));
 }
 
 test('a good task runs once, is acked, and its reply carries the result', async (t) => {
@@ -38,12 +32,12 @@ test('a good task runs once, is acked, and its reply carries the result', async 
   await waitFor(
     'three successes',
     async () =>
-      (await metricValue(service, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) === 2,
+      (await seriesValue(service, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) === 2,
   );
   assert.equal(await b.count(q), 0);
   assert.equal(await b.count(`${q}.dead`), 0);
   assert.equal(
-    await metricValue(service, 'amqp_concurrency_tasks_total{func="echo",outcome="succeeded"}'),
+    await seriesValue(service, 'amqp_concurrency_tasks_total{func="echo",outcome="succeeded"}'),
     1,
   );
   assert.equal(service.dispatcher.inFlight, 0);
@@ -76,7 +70,7 @@ test('each kind of malformed message is dead-lettered with its reason and the ot
   await waitFor(
     'every good task to succeed',
     async () =>
-      (await metricValue(service, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) ===
+      (await seriesValue(service, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) ===
       bad.length,
   );
   const dead = await b.take(`${q}.dead`, bad.length);
@@ -100,15 +94,15 @@ test('each kind of malformed message is dead-lettered with its reason and the ot
   }
   assert.equal(await b.count(q), 0);
   assert.equal(
-    await metricValue(service, 'amqp_concurrency_messages_dead_lettered_total{reason="rejected"}'),
+    await seriesValue(service, 'amqp_concurrency_messages_dead_lettered_total{reason="rejected"}'),
     bad.length,
   );
   // Unknown or missing names are counted under one label, so label values stay bounded.
   assert.equal(
-    await metricValue(service, 'amqp_concurrency_tasks_total{func="<unknown>",outcome="rejected"}'),
+    await seriesValue(service, 'amqp_concurrency_tasks_total{func="<unknown>",outcome="rejected"}'),
     bad.length - 2,
   );
-  assert.equal(await metricValue(service, 'amqp_concurrency_tasks_total{func="add",outcome="rejected"}'), 2);
+  assert.equal(await seriesValue(service, 'amqp_concurrency_tasks_total{func="add",outcome="rejected"}'), 2);
 });
 
 test('a task that throws or rejects is failed: dead-lettered with its error, replied to, acked', async (t) => {
@@ -142,14 +136,14 @@ test('a task that throws or rejects is failed: dead-lettered with its error, rep
     error: { kind: 'failed', message: 'boom' },
   });
   assert.equal(await b.count(q), 0);
-  assert.equal(await metricValue(service, 'amqp_concurrency_tasks_total{func="fail",outcome="failed"}'), 1);
+  assert.equal(await seriesValue(service, 'amqp_concurrency_tasks_total{func="fail",outcome="failed"}'), 1);
   assert.equal(
-    await metricValue(service, 'amqp_concurrency_messages_dead_lettered_total{reason="failed"}'),
+    await seriesValue(service, 'amqp_concurrency_messages_dead_lettered_total{reason="failed"}'),
     4,
   );
   // A failure does not cost a worker.
   assert.equal(
-    await metricValue(service, 'amqp_concurrency_worker_restarts_total{reason="crash"}'),
+    await seriesValue(service, 'amqp_concurrency_worker_restarts_total{reason="crash"}'),
     undefined,
   );
 });
@@ -168,8 +162,8 @@ test('a task past the timeout is killed, dead-lettered as timeout, and the pool 
   const byId = new Map(got.map((m) => [m.properties.correlationId, JSON.parse(String(m.content))]));
   assert.equal(byId.get('s1').error.kind, 'timeout');
   assert.deepEqual(byId.get('after'), { ok: true, result: 3 }, 'the next task ran on the replacement worker');
-  assert.equal(await metricValue(service, 'amqp_concurrency_worker_restarts_total{reason="timeout"}'), 1);
-  assert.equal(await metricValue(service, 'amqp_concurrency_tasks_total{func="spin",outcome="timeout"}'), 1);
+  assert.equal(await seriesValue(service, 'amqp_concurrency_worker_restarts_total{reason="timeout"}'), 1);
+  assert.equal(await seriesValue(service, 'amqp_concurrency_tasks_total{func="spin",outcome="timeout"}'), 1);
   await waitFor('the pool to be whole', () => service.health().status === 'ok');
 });
 
@@ -185,11 +179,11 @@ test('a worker that dies mid-task is crashed: dead-lettered, counted, replaced',
   await waitFor(
     'the next task',
     async () =>
-      (await metricValue(service, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) === 1,
+      (await seriesValue(service, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) === 1,
   );
-  assert.equal(await metricValue(service, 'amqp_concurrency_worker_restarts_total{reason="crash"}'), 1);
+  assert.equal(await seriesValue(service, 'amqp_concurrency_worker_restarts_total{reason="crash"}'), 1);
   assert.equal(
-    await metricValue(service, 'amqp_concurrency_messages_dead_lettered_total{reason="crashed"}'),
+    await seriesValue(service, 'amqp_concurrency_messages_dead_lettered_total{reason="crashed"}'),
     1,
   );
 });
