@@ -1,9 +1,17 @@
 // The worker process: forked by the pool, it loads the task module, says `ready` with the
 // names it can run, then runs one task at a time. It never decides its own deadline: the
 // master owns it and SIGKILLs a child that runs past it.
+import { writeSync } from 'node:fs';
 import { Worker } from 'node:worker_threads';
 import { serializeError } from './errors.ts';
-import type { ChildMessage, MasterMessage, RunTask, TaskOutcome } from './protocol.ts';
+import {
+  type ChildMessage,
+  type MasterMessage,
+  RESULTS_FD,
+  type ResultLine,
+  type RunTask,
+  type TaskOutcome,
+} from './protocol.ts';
 import { runWithTask } from './task-context.ts';
 import { loadTaskModule, type TaskFunction } from './task-module.ts';
 
@@ -34,14 +42,38 @@ const queue: RunTask[] = [];
 /** The running task, one at most. */
 let running: { taskId: number; controller: AbortController } | undefined;
 let timeoutMs = 0;
+let rssEachTask = false;
+/** Without a memory limit the memory is read at most this often: reading it is a syscall or three. */
+const RSS_EVERY_MS = 1_000;
+let rssReportedAt = Number.NEGATIVE_INFINITY;
+
 /**
- * Each result goes out before the next task starts: a task that kills the process
- * (process.exit, a native crash) must not take the results of the tasks before it along,
- * or the master would count a finished task as crashed. The master still reads many
- * results per read of the pipe.
+ * Each result is written, synchronously, before the next task starts: a task that kills
+ * the process (process.exit, a native crash) or hangs until the master kills it must not
+ * take the results of the tasks before it along, or the master would count finished
+ * tasks as crashed, and start the next task's clock late. A synchronous write to a pipe
+ * is in the kernel when it returns; the master reads many lines per read.
  */
 function report(outcome: TaskOutcome): void {
-  send({ type: 'done', results: [outcome], rssBytes: process.memoryUsage.rss() });
+  const line: ResultLine = outcome;
+  const now = performance.now();
+  if (rssEachTask || now - rssReportedAt >= RSS_EVERY_MS) {
+    line.rssBytes = process.memoryUsage.rss();
+    rssReportedAt = now;
+  }
+  const text = `${JSON.stringify(line)}\n`;
+  try {
+    // The pipe is blocking on this side: a write waits while the master's end is full,
+    // and returns short only if a signal interrupts it.
+    const written = writeSync(RESULTS_FD, text);
+    if (written < text.length || written < Buffer.byteLength(text)) writeRest(Buffer.from(text), written);
+  } catch {
+    // The master has gone (EPIPE): nobody to tell; the disconnect handler exits.
+  }
+}
+
+function writeRest(bytes: Buffer, from: number): void {
+  for (let at = from; at < bytes.length; ) at += writeSync(RESULTS_FD, bytes, at);
 }
 
 async function runTask(funcs: Map<string, TaskFunction>, task: RunTask): Promise<TaskOutcome> {
@@ -93,6 +125,7 @@ function onMessage(funcs: Map<string, TaskFunction>, msg: MasterMessage): void {
   switch (msg.type) {
     case 'run':
       timeoutMs = msg.timeoutMs;
+      rssEachTask = msg.rssEachTask;
       queue.push(...msg.tasks);
       void pump(funcs);
       return;

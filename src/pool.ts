@@ -14,7 +14,7 @@ import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import { type SerializedError, ServiceError } from './errors.ts';
 import type { WorkerStatus } from './http.ts';
-import type { CancelledMessage, DoneMessage, RunTask, TaskOutcome } from './protocol.ts';
+import type { CancelledMessage, ResultLine, RunTask, TaskOutcome } from './protocol.ts';
 import { WorkerProcess } from './worker-process.ts';
 
 export interface TaskRequest {
@@ -334,12 +334,16 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
     }
     const depth = this.#depth();
     const now = performance.now();
+    // A pipelining worker is topped up once it has run down to half its depth, not after
+    // every task: one message then carries many tasks instead of one each.
+    const refillAt = Math.floor(depth / 2);
     const batches = new Map<WorkerProcess, RunTask[]>();
     while (this.#queue.length > 0) {
       // The least loaded worker that can take one more: idle ones first.
       let best: WorkerProcess | undefined;
       for (const w of this.#workers) {
         if (!this.#canTake(w, depth, now)) continue;
+        if (!batches.has(w) && (this.#inflight.get(w)?.length ?? 0) > refillAt) continue;
         if (
           best === undefined ||
           (this.#inflight.get(w)?.length ?? 0) < (this.#inflight.get(best)?.length ?? 0)
@@ -366,7 +370,9 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
         wantResult: request.wantResult,
       });
     }
-    for (const [w, tasks] of batches) w.send({ type: 'run', tasks, timeoutMs: this.#opts.taskTimeoutMs });
+    const rssEachTask = this.#opts.maxWorkerMemoryBytes > 0;
+    for (const [w, tasks] of batches)
+      w.send({ type: 'run', tasks, timeoutMs: this.#opts.taskTimeoutMs, rssEachTask });
     if (batches.size > 0) this.emit('change');
   }
 
@@ -462,10 +468,10 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
     return { outcome: 'failed', error: outcome.error, durationMs };
   }
 
-  #onDone(w: WorkerProcess, msg: DoneMessage): void {
+  #onDone(w: WorkerProcess, results: ResultLine[]): void {
     const jobs = this.#inflight.get(w);
     if (jobs === undefined || this.#killed.has(w)) return;
-    for (const outcome of msg.results) {
+    for (const outcome of results) {
       const job = jobs[0];
       if (job === undefined || job.taskId !== outcome.taskId) {
         this.#log.error(
@@ -554,7 +560,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
       this.#opts.childScript || undefined,
     );
     this.#workers.add(w);
-    w.on('done', (msg) => this.#onDone(w, msg));
+    w.on('done', (results) => this.#onDone(w, results));
     w.on('cancelled', (msg) => this.#onCancelled(w, msg));
     w.on('exit', (code, signal) => this.#onExit(w, code, signal));
     w.ready.then(

@@ -3,8 +3,11 @@
 //
 // Tasks travel in batches: the master may hand a child several short tasks in one message
 // (the child runs them one at a time, in order). Each crossing is a write on a pipe, and
-// for tiny tasks those writes, not the tasks, are what cost. Results come back one per
-// message, each before the next task starts (see child.ts).
+// for tiny tasks those writes, not the tasks, are what cost.
+//
+// Results do not take the IPC channel: each is one JSON line on a pipe of its own
+// (RESULTS_FD), written synchronously before the next task starts (see child.ts), and the
+// master parses all the lines of one read at once.
 import type { SerializedError } from './errors.ts';
 
 /** What a task may learn about the delivery it runs for (see task-context.ts). */
@@ -37,6 +40,8 @@ export interface RunMessage {
   tasks: RunTask[];
   /** The time limit, for the deadline a task can read; the master enforces it. */
   timeoutMs: number;
+  /** Report the memory after every task (a memory limit is set), not only now and then. */
+  rssEachTask: boolean;
 }
 
 /** The soft time limit: the task's AbortSignal fires; the master kills it after the grace. */
@@ -67,16 +72,15 @@ export type TaskOutcome =
   | { taskId: number; ok: true; resultJson: string | undefined }
   | { taskId: number; ok: false; error: SerializedError };
 
-/** Results in the order the tasks ran. `rssBytes`: the child's memory after them. */
-export interface DoneMessage {
-  type: 'done';
-  results: TaskOutcome[];
-  rssBytes: number;
-}
+/** The child's file descriptor for results: fork's stdio[4], a pipe to the master. */
+export const RESULTS_FD = 4;
+
+/** One line on the results pipe. `rssBytes`: the child's memory after the task, when it says. */
+export type ResultLine = TaskOutcome & { rssBytes?: number };
 
 export interface CancelledMessage {
   type: 'cancelled';
   taskIds: number[];
 }
 
-export type ChildMessage = ReadyMessage | LoadFailedMessage | DoneMessage | CancelledMessage;
+export type ChildMessage = ReadyMessage | LoadFailedMessage | CancelledMessage;

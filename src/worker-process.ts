@@ -3,16 +3,19 @@
 // policy: deadlines, scheduling and replacement belong to the pool.
 import { type ChildProcess, fork } from 'node:child_process';
 import { EventEmitter } from 'node:events';
+import type { Readable } from 'node:stream';
+import { finished } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { ServiceError } from './errors.ts';
-import type { CancelledMessage, ChildMessage, DoneMessage, MasterMessage } from './protocol.ts';
+import type { CancelledMessage, ChildMessage, MasterMessage, ResultLine } from './protocol.ts';
 
 export const CHILD_SCRIPT = fileURLToPath(new URL('./child.ts', import.meta.url));
 
 export type WorkerState = 'starting' | 'idle' | 'busy' | 'stopping';
 
 type WorkerEvents = {
-  done: [message: DoneMessage];
+  /** Results in the order the tasks ran: all those one read of the results pipe brought. */
+  done: [results: ResultLine[]];
   cancelled: [message: CancelledMessage];
   exit: [code: number | null, signal: NodeJS.Signals | null];
 };
@@ -35,10 +38,13 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
       // The master's own flags (a test runner's, an inspector) are not the children's.
       execArgv: [],
       serialization: 'json',
-      stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+      // fd 4 (RESULTS_FD): the results pipe.
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc', 'pipe'],
     });
     this.pid = this.child.pid;
-    this.exited = new Promise((resolve) => this.child.once('exit', () => resolve()));
+    const results = this.child.stdio[4] as Readable;
+    this.#readResults(results);
+    this.exited = new Promise((resolve) => this.once('exit', () => resolve()));
     this.ready = new Promise<string[]>((resolve, reject) => {
       const timer = setTimeout(() => {
         fail(new ServiceError('ERR_WORKER_BOOT', `a worker did not become ready in ${bootTimeoutMs} ms`));
@@ -65,14 +71,25 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
               },
             ),
           );
-        } else if (msg.type === 'done') {
-          this.rssBytes = msg.rssBytes;
-          this.emit('done', msg);
         } else if (msg.type === 'cancelled') {
           this.emit('cancelled', msg);
         }
       });
       this.child.on('exit', (code, signal) => {
+        // The last results may still be in the pipe when the exit is seen: read them
+        // first, or a task that finished just before its process died would count as
+        // crashed. A grandchild holding the pipe open must not delay the exit for long.
+        const grace = setTimeout(() => exited(code, signal), 1_000);
+        finished(results, () => {
+          clearTimeout(grace);
+          exited(code, signal);
+        });
+      });
+      let exitSeen = false;
+      const exited = (code: number | null, signal: NodeJS.Signals | null) => {
+        if (exitSeen) return;
+        exitSeen = true;
+        results.destroy();
         if (this.state === 'starting') {
           const how = signal ?? `exit code ${code}`;
           fail(
@@ -83,12 +100,47 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
           );
         }
         this.emit('exit', code, signal);
-      });
+      };
     });
     // Boot failures are handled through `ready` by whoever awaits it; never unhandled.
     this.ready.catch(() => {});
     this.child.on('error', () => {
       // 'exit' follows a spawn or kill error; a failed send reports through its callback.
+    });
+  }
+
+  /** Results are JSON lines; one read may end in the middle of one, kept for the next. */
+  #readResults(results: Readable): void {
+    let partial = '';
+    results.setEncoding('utf8');
+    results.on('data', (chunk: string) => {
+      const end = chunk.lastIndexOf('\n');
+      if (end === -1) {
+        partial += chunk;
+        return;
+      }
+      // JSON never holds a raw newline, so the lines of one read parse as one array.
+      const lines = `[${partial}${chunk.slice(0, end).replaceAll('\n', ',')}]`;
+      partial = chunk.slice(end + 1);
+      let batch: ResultLine[];
+      try {
+        batch = JSON.parse(lines) as ResultLine[];
+      } catch {
+        // Only child.ts writes here; anything else means the child is not ours to trust.
+        this.kill();
+        return;
+      }
+      for (let i = batch.length - 1; i >= 0; i--) {
+        const rss = (batch[i] as ResultLine).rssBytes;
+        if (rss !== undefined) {
+          this.rssBytes = rss;
+          break;
+        }
+      }
+      this.emit('done', batch);
+    });
+    results.on('error', () => {
+      // A reset pipe ends like a closed one: the exit handling covers it.
     });
   }
 

@@ -113,6 +113,36 @@ test('a death while busy is crashed; an idle death is a crash restart too', asyn
   assert.deepEqual(restarts, ['crash', 'crash']);
 });
 
+test('handed over in one batch: what finished before a crash keeps its result, what had not started runs on', async (t) => {
+  const p = pool(t, { size: 1 });
+  await p.start();
+  // Short tasks make the pool hand several to the child at once (pipelining).
+  for (let i = 0; i < 5; i++) await p.run(request('add', [i, 1]));
+  const before = Array.from({ length: 20 }, (_, i) => p.run(request('add', [i, 0])));
+  const crash = p.run(request('crash', [4]));
+  const after = Array.from({ length: 5 }, (_, i) => p.run(request('add', [i, 100])));
+  const results = await Promise.all([...before, crash, ...after]);
+  assert.deepEqual(
+    results.map((r) => (r.outcome === 'succeeded' ? Number(r.resultJson) : r.outcome)),
+    [...Array.from({ length: 20 }, (_, i) => i), 'crashed', 100, 101, 102, 103, 104],
+  );
+});
+
+test('short tasks ahead of one that hangs succeed; the hung one alone times out, on its own clock', async (t) => {
+  const p = pool(t, { size: 1, taskTimeoutMs: 300 });
+  await p.start();
+  for (let i = 0; i < 5; i++) await p.run(request('add', [i, 1]));
+  const quick = Array.from({ length: 10 }, (_, i) => p.run(request('add', [i, 0])));
+  const spun = p.run(request('spin'));
+  const results = await Promise.all([...quick, spun]);
+  assert.deepEqual(
+    results.map((r) => r.outcome),
+    [...Array(10).fill('succeeded'), 'timeout'],
+  );
+  const last = results.at(-1);
+  assert.ok(last?.outcome === 'timeout' && last.durationMs >= 290, 'timed from its own start');
+});
+
 test('close gives back queued tasks at once and lets running ones finish', async (t) => {
   const p = pool(t, { size: 1 });
   await p.start();
