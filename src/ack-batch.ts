@@ -1,7 +1,11 @@
 // Acks for one channel, coalesced: the acks made in one turn of the event loop go out as
-// one `basic.ack multiple` up to the highest tag below every delivery still unsettled,
-// plus single acks for the rest. Tasks finish out of order (several workers), so a
-// multiple ack may only cover tags that are all finished: never one still running.
+// one `basic.ack multiple` up to the highest tag below every delivery still unsettled.
+// Tasks finish out of order (several workers), so a multiple ack may only cover tags
+// that are all finished: never one still running. An ack above a delivery still running
+// may wait (holdBack) for a later multiple ack to cover it, which it usually does a
+// moment later: each frame is a write on the socket, and with several workers nearly
+// every turn has such acks. It must not wait long, or a long task below it would hold
+// the prefetch window shut; the caller sends it alone after a short while.
 
 export interface AckFrames {
   /** Ack every delivery up to and including this tag (multiple = true), when defined. */
@@ -10,11 +14,17 @@ export interface AckFrames {
   singles: number[];
 }
 
+export interface TakeOptions {
+  /** Keep the acks above a delivery still running for a later take, instead of as singles. */
+  holdBack?: boolean;
+}
+
 export class AckBatch {
   /** Delivered and not yet settled, in delivery order (so ascending tags; a Set keeps insertion order). */
   readonly #unsettled = new Set<number>();
   #acked: number[] = [];
 
+  /** Acks made and not sent yet (held back ones included). */
   get pending(): number {
     return this.#acked.length;
   }
@@ -33,19 +43,23 @@ export class AckBatch {
     this.#unsettled.delete(tag);
   }
 
-  /** The frames that send every ack made so far. */
-  take(): AckFrames {
+  /** The frames that send every ack made so far (but those held back, if asked). */
+  take({ holdBack = false }: TakeOptions = {}): AckFrames {
     const acked = this.#acked;
     this.#acked = [];
     if (acked.length === 0) return { upTo: undefined, singles: [] };
     const lowestUnsettled: number | undefined = this.#unsettled.values().next().value;
     let upTo: number | undefined;
-    const singles: number[] = [];
+    const above: number[] = [];
     for (const tag of acked) {
       if (lowestUnsettled === undefined || tag < lowestUnsettled)
         upTo = upTo === undefined ? tag : Math.max(upTo, tag);
-      else singles.push(tag);
+      else above.push(tag);
     }
-    return { upTo, singles };
+    if (holdBack) {
+      this.#acked = above;
+      return { upTo, singles: [] };
+    }
+    return { upTo, singles: above };
   }
 }

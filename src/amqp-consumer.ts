@@ -20,6 +20,14 @@ import { backoffDelay } from './backoff.ts';
 import { ServiceError } from './errors.ts';
 import { declareTopology, type Topology } from './topology.ts';
 
+/** How long an ack may wait to go out with others (see ack()). */
+const ACK_DELAY_MS = 1;
+
+/** A quarter of the prefetch window (256 when it is unlimited). */
+function flushAtFor(prefetch: number): number {
+  return prefetch > 0 ? Math.max(1, Math.floor(prefetch / 4)) : 256;
+}
+
 export interface Delivery {
   message: ConsumeMessage;
   /** The channel that delivered it: the only one that may settle it. */
@@ -59,11 +67,15 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   /** The acks of the live channel; a new channel starts a new batch. */
   #acks = new AckBatch();
   #flushSoon: NodeJS.Immediate | undefined;
+  #flushLater: NodeJS.Timeout | undefined;
+  /** Acks waiting that make a flush worth it at once. */
+  #flushAt: number;
 
   constructor(opts: ConsumerOptions) {
     super();
     this.#opts = opts;
     this.#prefetch = opts.prefetch;
+    this.#flushAt = flushAtFor(opts.prefetch);
     this.#url = withHeartbeat(opts.url);
     this.#log = opts.logger.child({ component: 'consumer' });
   }
@@ -80,6 +92,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   /** Changes the prefetch, on the live channel now and on every later one. */
   async setPrefetch(count: number): Promise<void> {
     this.#prefetch = count;
+    this.#flushAt = flushAtFor(count);
     await this.#channel
       ?.prefetch(count)
       .catch((err) => this.#log.warn({ err }, 'setting the prefetch failed'));
@@ -101,12 +114,16 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
 
   /**
    * Acks on the delivering channel; false when that channel is gone (the broker
-   * redelivers). The acks of one event-loop turn go out together (see AckBatch).
+   * redelivers). Acks go out together (see AckBatch): at the end of the turn once a
+   * quarter of the prefetch window waits on them, else within ACK_DELAY_MS. Each ack
+   * frame is a write and a wake-up of the broker; an ack that waits a moment costs only
+   * window, which the quarter bounds.
    */
   ack(delivery: Delivery): boolean {
     if (!this.#isLive(delivery)) return false;
     this.#acks.ack(delivery.message.fields.deliveryTag);
-    this.#flushSoon ??= setImmediate(() => this.#flushAcks());
+    if (this.#acks.pending >= this.#flushAt) this.#flushSoon ??= setImmediate(() => this.#flushAcks(true));
+    else this.#flushLater ??= setTimeout(() => this.#flushAcks(false), ACK_DELAY_MS);
     return true;
   }
 
@@ -118,11 +135,22 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     return true;
   }
 
-  #flushAcks(): void {
+  /**
+   * Sends the acks made so far. `holdBack`: keep those above a delivery still running for
+   * a later multiple ack (AckBatch); the timed flush sends them alone, so none waits
+   * longer than about ACK_DELAY_MS.
+   */
+  #flushAcks(holdBack: boolean): void {
+    clearImmediate(this.#flushSoon);
     this.#flushSoon = undefined;
+    if (!holdBack) {
+      clearTimeout(this.#flushLater);
+      this.#flushLater = undefined;
+    }
     const channel = this.#channel;
-    const { upTo, singles } = this.#acks.take();
+    const { upTo, singles } = this.#acks.take({ holdBack });
     if (channel === undefined) return; // the channel died: the broker redelivers
+    if (this.#acks.pending > 0) this.#flushLater ??= setTimeout(() => this.#flushAcks(false), ACK_DELAY_MS);
     // amqplib reads only the delivery tag of the message it is given.
     if (upTo !== undefined) channel.ack({ fields: { deliveryTag: upTo } } as ConsumeMessage, true);
     for (const tag of singles) channel.ack({ fields: { deliveryTag: tag } } as ConsumeMessage, false);
@@ -170,10 +198,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#stopping = true;
     this.#wake?.();
     // Send the acks still waiting for their turn before the channel goes.
-    if (this.#flushSoon !== undefined) {
-      clearImmediate(this.#flushSoon);
-      this.#flushAcks();
-    }
+    this.#flushAcks(false);
     const connection = this.#connection;
     const channel = this.#channel;
     this.#connection = undefined;

@@ -46,7 +46,7 @@ test('property: the frames ack exactly the acked tags and never one still unsett
   fc.assert(
     fc.property(
       fc.integer({ min: 1, max: 40 }),
-      fc.array(fc.tuple(fc.integer({ min: 1, max: 40 }), fc.constantFrom('ack', 'nack', 'take')), {
+      fc.array(fc.tuple(fc.integer({ min: 1, max: 40 }), fc.constantFrom('ack', 'nack', 'take', 'hold')), {
         maxLength: 80,
       }),
       (n, ops) => {
@@ -55,8 +55,8 @@ test('property: the frames ack exactly the acked tags and never one still unsett
         const unsettled = new Set(Array.from({ length: n }, (_, i) => i + 1));
         const brokerUnacked = new Set(unsettled); // what the broker holds for us
         const ackedByUs = new Set<number>();
-        const apply = () => {
-          const { upTo, singles } = batch.take();
+        const apply = (holdBack = false) => {
+          const { upTo, singles } = batch.take({ holdBack });
           if (upTo !== undefined) {
             for (const tag of [...brokerUnacked]) {
               if (tag <= upTo) {
@@ -75,6 +75,7 @@ test('property: the frames ack exactly the acked tags and never one still unsett
         };
         for (const [tag, op] of ops) {
           if (op === 'take') apply();
+          else if (op === 'hold') apply(true);
           else if (tag <= n && unsettled.has(tag)) {
             unsettled.delete(tag);
             if (op === 'ack') {
@@ -95,4 +96,30 @@ test('property: the frames ack exactly the acked tags and never one still unsett
       },
     ),
   );
+});
+
+test('holdBack keeps the acks above a running delivery for a later multiple ack to cover', () => {
+  const batch = new AckBatch();
+  for (let tag = 1; tag <= 6; tag++) batch.delivered(tag);
+  batch.ack(1);
+  batch.ack(4);
+  batch.ack(5); // 2 and 3 still run
+  assert.deepEqual(batch.take({ holdBack: true }), { upTo: 1, singles: [] });
+  assert.equal(batch.pending, 2, '4 and 5 wait');
+  batch.ack(2);
+  batch.ack(3);
+  assert.deepEqual(batch.take({ holdBack: true }), { upTo: 5, singles: [] }, 'one frame covers 2 to 5');
+  assert.equal(batch.pending, 0);
+  batch.ack(6);
+  assert.deepEqual(batch.take({ holdBack: true }), { upTo: 6, singles: [] });
+});
+
+test('without holdBack, the acks held back go out alone: a long task below them does not hold them', () => {
+  const batch = new AckBatch();
+  for (let tag = 1; tag <= 3; tag++) batch.delivered(tag);
+  batch.ack(2);
+  batch.ack(3);
+  assert.deepEqual(batch.take({ holdBack: true }), { upTo: undefined, singles: [] });
+  assert.deepEqual(batch.take(), { upTo: undefined, singles: [2, 3] });
+  assert.equal(batch.pending, 0);
 });
