@@ -1,13 +1,24 @@
 // From delivery to settlement: validate the body, run it in the pool, then carry out the
 // outcome plan — reply, dead-letter or retry copy confirmed by the broker, and only then
-// the ack. One bad message never stops or slows the others: each delivery is its own
-// promise. Across a reconnect, a message that comes back while it still runs, or after
+// the ack. One bad message never stops or slows the others: each delivery is settled on
+// its own. Across a reconnect, a message that comes back while it still runs, or after
 // it finished but before its ack reached the broker, is not run a second time.
+//
+// Speed: this is the master's per-task path. A task with nothing to publish (no reply_to,
+// succeeded) is settled synchronously when the pool's promise resolves: no async chain, no
+// log fields built for a level that is off (see also task-metrics.ts).
 import type { Logger } from 'pino';
 import type { AmqpConsumer, Delivery } from './amqp-consumer.ts';
 import type { AmqpPublisher } from './amqp-publisher.ts';
 import { type Metrics, UNKNOWN_FUNC } from './metrics.ts';
-import { attemptOf, type Ending, type Publication, planOutcome } from './outcome.ts';
+import {
+  attemptOf,
+  type Ending,
+  type Outcome,
+  type OutcomePlan,
+  type Publication,
+  planOutcome,
+} from './outcome.ts';
 import type { WorkerPool } from './pool.ts';
 import { RecentIds } from './recent-ids.ts';
 import { parseTaskMessage } from './task-message.ts';
@@ -31,12 +42,19 @@ export interface DispatcherOptions {
 /** A message being worked on; its delivery is replaced when the broker redelivers it meanwhile. */
 interface Work {
   delivery: Delivery;
+  messageId: string | undefined;
+  /** True when this run is the one recorded under its message id (see #running). */
+  tracked: boolean;
+  func: string;
+  attempt: number;
 }
 
 export class Dispatcher {
   readonly #opts: DispatcherOptions;
   readonly #log: Logger;
-  readonly #inFlight = new Set<Promise<void>>();
+  /** Deliveries received and not yet settled. */
+  #inFlight = 0;
+  #drained: (() => void) | undefined;
   readonly #running = new Map<string, Work>();
   readonly #finishedUnacked: RecentIds;
   #draining = false;
@@ -49,20 +67,66 @@ export class Dispatcher {
 
   /** Messages received and not yet settled. */
   get inFlight(): number {
-    return this.#inFlight.size;
+    return this.#inFlight;
   }
 
   handle(delivery: Delivery): void {
-    const work = this.#process(delivery)
-      .catch((err) => this.#log.error({ err }, 'handling a delivery failed'))
-      .finally(() => this.#inFlight.delete(work));
-    this.#inFlight.add(work);
+    const { consumer, pool } = this.#opts;
+    if (this.#draining) {
+      consumer.requeue(delivery);
+      return;
+    }
+    const { message } = delivery;
+    const messageId = message.properties.messageId as string | undefined;
+    if (messageId !== undefined && message.fields.redelivered && this.#settleDuplicate(delivery, messageId)) {
+      return;
+    }
+    const tracked = messageId !== undefined && !this.#running.has(messageId);
+    const parsed = parseTaskMessage(message.content, pool.funcs, this.#opts.maxMessageBytes);
+    const work: Work = {
+      delivery,
+      messageId,
+      tracked,
+      func: parsed.ok ? parsed.call.func : this.#labelOf(parsed.func),
+      attempt: attemptOf(message),
+    };
+    if (tracked) this.#running.set(messageId, work);
+    this.#inFlight++;
+    if (!parsed.ok) {
+      this.#finish(work, { outcome: 'rejected', reason: parsed.reason });
+      return;
+    }
+    const { call } = parsed;
+    const replyTo = message.properties.replyTo;
+    pool
+      .run({
+        func: call.func,
+        args: call.args,
+        kwargs: call.kwargs,
+        messageId,
+        redelivered: message.fields.redelivered,
+        attempt: work.attempt,
+        wantResult: typeof replyTo === 'string' && replyTo !== '',
+      })
+      .then((ending) => this.#finish(work, ending));
   }
 
   /** From now on deliveries go straight back to the queue; resolves when all in flight are settled. */
-  async drain(): Promise<void> {
+  drain(): Promise<void> {
     this.#draining = true;
-    while (this.#inFlight.size > 0) await Promise.allSettled([...this.#inFlight]);
+    if (this.#inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      const previous = this.#drained;
+      this.#drained = () => {
+        previous?.();
+        resolve();
+      };
+    });
+  }
+
+  /** A func name for metrics: only the module's own, so that label sets stay bounded. */
+  #labelOf(func: string | undefined): string {
+    return func !== undefined && this.#opts.pool.funcs.has(func) ? func : UNKNOWN_FUNC;
   }
 
   /** True when this redelivery is taken care of without running it again. */
@@ -76,7 +140,7 @@ export class Dispatcher {
       return true;
     }
     const running = this.#running.get(messageId);
-    if (running !== undefined && !consumer.isLive(running.delivery)) {
+    if (running !== undefined && !this.#opts.consumer.isLive(running.delivery)) {
       running.delivery = delivery;
       this.#log.info(fields, 'redelivery of a message still running: it will be settled when the run ends');
       return true;
@@ -84,103 +148,113 @@ export class Dispatcher {
     return false;
   }
 
-  async #process(delivery: Delivery): Promise<void> {
-    const { consumer } = this.#opts;
-    if (this.#draining) {
-      consumer.requeue(delivery);
-      return;
-    }
-    const messageId = delivery.message.properties.messageId as string | undefined;
-    if (
-      messageId !== undefined &&
-      delivery.message.fields.redelivered &&
-      this.#settleDuplicate(delivery, messageId)
-    ) {
-      return;
-    }
-    const work: Work = { delivery };
-    const tracked = messageId !== undefined && !this.#running.has(messageId);
-    if (tracked) this.#running.set(messageId, work);
+  /** The run is over: carry out the plan; synchronously when there is nothing to publish. */
+  #finish(work: Work, ending: Ending): void {
     try {
-      await this.#run(work, messageId);
-    } finally {
-      if (tracked) this.#running.delete(messageId);
+      const { message } = work.delivery;
+      const retryDelayMs = this.#opts.retryDelaysMs[work.attempt - 1];
+      const plan = planOutcome(message, ending, {
+        deadLetterQueue: this.#opts.deadLetterQueue,
+        attempt: work.attempt,
+        retryQueue: retryDelayMs === undefined ? undefined : retryQueueName(this.#opts.queue, retryDelayMs),
+      });
+      if (plan.outcome === undefined) {
+        this.#opts.consumer.requeue(work.delivery);
+        if (this.#log.isLevelEnabled('info')) {
+          const reason = ending.outcome === 'returned' ? ending.reason : undefined;
+          this.#log.info({ ...this.#fields(work), reason }, 'message given back to the queue');
+        }
+        this.#settled(work);
+        return;
+      }
+      if (plan.reply === undefined && plan.deadLetter === undefined) {
+        this.#ack(work, plan, ending);
+        this.#settled(work);
+        return;
+      }
+      this.#publishThenAck(work, plan, ending).then(
+        () => this.#settled(work),
+        (err) => this.#failed(work, err),
+      );
+    } catch (err) {
+      this.#failed(work, err);
     }
   }
 
-  async #run(work: Work, messageId: string | undefined): Promise<void> {
-    const { pool, consumer, metrics } = this.#opts;
-    const { message } = work.delivery;
-    const parsed = parseTaskMessage(message.content, pool.funcs, this.#opts.maxMessageBytes);
-    const attempt = attemptOf(message);
-    let ending: Ending;
-    let func: string;
-    if (!parsed.ok) {
-      ending = { outcome: 'rejected', reason: parsed.reason };
-      func = parsed.func !== undefined && pool.funcs.has(parsed.func) ? parsed.func : UNKNOWN_FUNC;
-    } else {
-      func = parsed.call.func;
-      ending = await pool.run({
-        ...parsed.call,
-        messageId,
-        redelivered: message.fields.redelivered,
-        attempt,
-        wantResult: typeof message.properties.replyTo === 'string' && message.properties.replyTo !== '',
-      });
-    }
-
-    const retryDelayMs = this.#opts.retryDelaysMs[attempt - 1];
-    const plan = planOutcome(message, ending, {
-      deadLetterQueue: this.#opts.deadLetterQueue,
-      attempt,
-      retryQueue: retryDelayMs === undefined ? undefined : retryQueueName(this.#opts.queue, retryDelayMs),
-    });
-    const log = {
-      func,
-      messageId,
-      deliveryTag: message.fields.deliveryTag,
-      redelivered: message.fields.redelivered,
-      attempt,
-    };
-    if (plan.outcome === undefined) {
-      consumer.requeue(work.delivery);
-      const reason = ending.outcome === 'returned' ? ending.reason : undefined;
-      this.#log.info({ ...log, reason }, 'message given back to the queue');
-      return;
-    }
-
+  async #publishThenAck(work: Work, plan: OutcomePlan, ending: Ending): Promise<void> {
     const [replied, copied] = await Promise.all([this.#publish(plan.reply), this.#publish(plan.deadLetter)]);
     if (plan.reply !== undefined && !replied) {
-      this.#log.error({ ...log, replyTo: plan.reply.routingKey }, 'the reply could not be published');
+      this.#log.error(
+        { ...this.#fields(work), replyTo: plan.reply.routingKey },
+        'the reply could not be published',
+      );
     }
     if (plan.deadLetter !== undefined) {
       if (!copied) {
         // Not confirmed, so not acked: the message goes back rather than being lost.
-        consumer.requeue(work.delivery);
+        this.#opts.consumer.requeue(work.delivery);
         this.#log.error(
-          log,
+          this.#fields(work),
           'the dead-letter or retry copy was not confirmed; message given back to the queue',
         );
         return;
       }
-      if (!plan.retry) metrics.deadLettered.inc({ reason: plan.outcome });
+      if (!plan.retry) this.#opts.metrics.deadLettered.inc({ reason: plan.outcome as Outcome });
     }
-    // The delivery may have been replaced by a redelivery that arrived meanwhile: settle that one.
-    if (!consumer.ack(work.delivery) && messageId !== undefined) this.#finishedUnacked.add(messageId);
+    this.#ack(work, plan, ending);
+  }
 
-    metrics.tasksTotal.inc({ func, outcome: plan.outcome });
+  /** Acks (the latest delivery of the message), counts and logs the outcome. */
+  #ack(work: Work, plan: OutcomePlan, ending: Ending): void {
+    const outcome = plan.outcome as Outcome;
+    // The delivery may have been replaced by a redelivery that arrived meanwhile: settle that one.
+    if (!this.#opts.consumer.ack(work.delivery) && work.messageId !== undefined)
+      this.#finishedUnacked.add(work.messageId);
     const durationMs = 'durationMs' in ending ? ending.durationMs : 0;
-    metrics.taskDuration.observe({ func, outcome: plan.outcome }, durationMs / 1000);
-    const fields = { ...log, outcome: plan.outcome, durationMs: Math.round(durationMs * 1000) / 1000 };
-    if (plan.outcome === 'succeeded') {
-      this.#log.info(fields, 'task succeeded');
+    this.#opts.metrics.tasks.record(work.func, outcome, durationMs / 1000);
+    if (outcome === 'succeeded') {
+      if (this.#log.isLevelEnabled('info'))
+        this.#log.info(
+          { ...this.#fields(work), outcome, durationMs: Math.round(durationMs * 1000) / 1000 },
+          'task succeeded',
+        );
       return;
     }
+    if (!this.#log.isLevelEnabled('warn')) return;
+    const fields = { ...this.#fields(work), outcome, durationMs: Math.round(durationMs * 1000) / 1000 };
     const error =
       ending.outcome === 'rejected' ? ending.reason : 'error' in ending ? ending.error.message : undefined;
-    if (plan.retry)
-      this.#log.warn({ ...fields, error, retryInMs: retryDelayMs }, `task ${plan.outcome}; retrying`);
-    else this.#log.warn({ ...fields, error }, `task ${plan.outcome}`);
+    if (plan.retry) {
+      const retryInMs = this.#opts.retryDelaysMs[work.attempt - 1];
+      this.#log.warn({ ...fields, error, retryInMs }, `task ${outcome}; retrying`);
+    } else this.#log.warn({ ...fields, error }, `task ${outcome}`);
+  }
+
+  #fields(work: Work) {
+    const { fields } = work.delivery.message;
+    return {
+      func: work.func,
+      messageId: work.messageId,
+      deliveryTag: fields.deliveryTag,
+      redelivered: fields.redelivered,
+      attempt: work.attempt,
+    };
+  }
+
+  #failed(work: Work, err: unknown): void {
+    this.#log.error({ err, ...this.#fields(work) }, 'handling a delivery failed');
+    this.#settled(work);
+  }
+
+  /** Done with this delivery, however it ended. */
+  #settled(work: Work): void {
+    if (work.tracked && work.messageId !== undefined) this.#running.delete(work.messageId);
+    this.#inFlight--;
+    if (this.#inFlight === 0 && this.#drained !== undefined) {
+      const drained = this.#drained;
+      this.#drained = undefined;
+      drained();
+    }
   }
 
   async #publish(publication: Publication | undefined): Promise<boolean> {

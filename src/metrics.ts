@@ -1,7 +1,8 @@
 // Every metric lives in the master, in a registry that is passed in: the master sees
 // every task begin and end, so no aggregation across child processes is needed (and
 // prom-client's cluster aggregation works only with the `cluster` module anyway).
-import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
+import { Counter, collectDefaultMetrics, Gauge, Registry } from 'prom-client';
+import { TaskMetrics } from './task-metrics.ts';
 
 export const METRIC_PREFIX = 'amqp_concurrency_';
 
@@ -25,19 +26,8 @@ export function createMetrics(
   const sources = opts.sources;
   return {
     registry,
-    tasksTotal: new Counter({
-      name: `${METRIC_PREFIX}tasks_total`,
-      help: 'Tasks that reached an outcome, by function and outcome.',
-      labelNames: ['func', 'outcome'] as const,
-      registers,
-    }),
-    taskDuration: new Histogram({
-      name: `${METRIC_PREFIX}task_duration_seconds`,
-      help: 'Time from handing a task to a worker until its outcome, in seconds.',
-      labelNames: ['func', 'outcome'] as const,
-      buckets: [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
-      registers,
-    }),
+    /** tasks_total and task_duration_seconds: recorded per task, read when scraped. */
+    tasks: new TaskMetrics(registry, METRIC_PREFIX),
     tasksInFlight: new Gauge({
       name: `${METRIC_PREFIX}tasks_in_flight`,
       help: 'Tasks running in a worker right now.',

@@ -47,8 +47,7 @@ test('/metrics: Prometheus text with every metric of the service', async (t) => 
     defaultMetrics: false,
     sources: { workers: () => ({ idle: 1, busy: 1 }), connected: () => true },
   });
-  metrics.tasksTotal.inc({ func: 'add', outcome: 'succeeded' });
-  metrics.taskDuration.observe({ func: 'add', outcome: 'succeeded' }, 0.01);
+  metrics.tasks.record('add', 'succeeded', 0.01);
   metrics.workerRestarts.inc({ reason: 'crash' });
   metrics.deadLettered.inc({ reason: 'failed' });
   metrics.amqpReconnects.inc();
