@@ -1,7 +1,7 @@
 // `npm run bench`: the service against the raw amqplib consumer, measured in the same run
 // on the same broker, so that the figures are ratios a noisy shared machine can keep.
 // Prints a table, or JSON with --json; --quick runs smaller batches.
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, fork, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import os from 'node:os';
@@ -16,6 +16,7 @@ const CPU_TASKS = QUICK ? 100 : 400;
 const MEMORY_TASKS = QUICK ? 40_000 : 200_000;
 const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
 const TASKS = fileURLToPath(new URL('./tasks.ts', import.meta.url));
+const RAW_REPLIER = fileURLToPath(new URL('./raw-replier.ts', import.meta.url));
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const log = (msg: string) => {
@@ -108,6 +109,20 @@ async function startService(workers: number, queue: string, extra: string[] = []
   return { child, port, queue, metrics, total, stop };
 }
 
+/** The raw amqplib replier of bench/raw-replier.ts, the latency reference. */
+async function rawReplier(queue: string): Promise<Pick<Running, 'stop'>> {
+  await channel.assertQueue(queue, { durable: true });
+  made.push(queue);
+  const child = fork(RAW_REPLIER, [AMQP_URL, queue], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+  await once(child, 'message');
+  return {
+    stop: async () => {
+      child.kill('SIGTERM');
+      await once(child, 'exit');
+    },
+  };
+}
+
 /** Waits until the service has `n` outcomes; returns tasks per second from its first one. */
 async function rateUntil(service: Running, n: number, pollMs = 25): Promise<number> {
   let first = await service.total();
@@ -148,46 +163,78 @@ function percentile(values: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN;
 }
 
-/** Publish→start and publish→reply latency at a fixed rate, through reply_to. */
-async function latency(rate: number) {
+/**
+ * Publish→start and publish→reply latency through reply_to, at half the maximum rate of
+ * this same workload: first the bench publishes as fast as the broker takes it and
+ * reads the replies, which gives the maximum (and warms the service: one that has just
+ * started is still compiling its hot paths); then it publishes at half that rate. The
+ * publisher sleeps between ticks of about a millisecond and sends what has come due,
+ * each message stamped when it is sent: a busy-waiting publisher would take a core
+ * from the service it measures.
+ */
+async function latency(against: 'service' | 'raw', fixedRate?: number) {
   const queue = `bench.latency.${randomUUID().slice(0, 8)}`;
-  const service = await startService(2, queue);
+  const service = against === 'raw' ? await rawReplier(queue) : await startService(2, queue);
   const replies = await channel.assertQueue('', { exclusive: true });
   const sent = new Map<string, number>();
   const toStart: number[] = [];
   const toReply: number[] = [];
-  const count = Math.min(QUICK ? 2_000 : 10_000, Math.round(rate * 5));
-  const done = new Promise<void>((resolve) => {
-    void channel.consume(
-      replies.queue,
-      (m) => {
-        if (m === null) return;
-        const now = performance.timeOrigin + performance.now();
-        const id = String(m.properties.correlationId);
-        const at = sent.get(id) as number;
-        toStart.push((JSON.parse(String(m.content)).result as number) - at);
-        toReply.push(now - at);
-        if (toReply.length === count) resolve();
-      },
-      { noAck: true },
-    );
+  const flat = QUICK ? 5_000 : 20_000;
+  let flatReplies = 0;
+  let flatFirst = 0;
+  let flatLast = 0;
+  let flatDone: () => void = () => {};
+  const flatOut = new Promise<void>((resolve) => {
+    flatDone = resolve;
   });
+  let count = Number.POSITIVE_INFINITY;
+  let finish: () => void = () => {};
+  const done = new Promise<void>((resolve) => {
+    finish = resolve;
+  });
+  await channel.consume(
+    replies.queue,
+    (m) => {
+      if (m === null) return;
+      const id = String(m.properties.correlationId);
+      if (id.startsWith('f')) {
+        flatLast = performance.now();
+        if (++flatReplies === 1) flatFirst = flatLast;
+        if (flatReplies === flat) flatDone();
+        return;
+      }
+      const now = performance.timeOrigin + performance.now();
+      const at = sent.get(id) as number;
+      toStart.push((JSON.parse(String(m.content)).result as number) - at);
+      toReply.push(now - at);
+      if (toReply.length === count) finish();
+    },
+    { noAck: true },
+  );
   const body = Buffer.from('{"func":"stamp"}');
+  for (let i = 0; i < flat; i++) {
+    const options = { replyTo: replies.queue, correlationId: `f${i}` };
+    if (!channel.sendToQueue(queue, body, options)) await once(channel, 'drain');
+  }
+  await flatOut;
+  const maxRate = (flat - 1) / ((flatLast - flatFirst) / 1000);
+  const rate = fixedRate ?? maxRate / 2;
+  count = Math.min(QUICK ? 5_000 : 20_000, Math.round(rate * 5));
   const intervalMs = 1000 / rate;
   const start = performance.now();
-  for (let i = 0; i < count; i++) {
-    const due = start + i * intervalMs;
-    while (performance.now() < due) {
-      if (due - performance.now() > 2) await sleep(1);
-      else await new Promise((r) => setImmediate(r));
+  for (let i = 0; i < count; ) {
+    const due = Math.min(count, Math.floor((performance.now() - start) / intervalMs) + 1);
+    for (; i < due; i++) {
+      const id = String(i);
+      sent.set(id, performance.timeOrigin + performance.now());
+      channel.sendToQueue(queue, body, { replyTo: replies.queue, correlationId: id });
     }
-    const id = String(i);
-    sent.set(id, performance.timeOrigin + performance.now());
-    channel.sendToQueue(queue, body, { replyTo: replies.queue, correlationId: id });
+    await sleep(1);
   }
   await done;
   await service.stop();
   return {
+    maxRate: Math.round(maxRate),
     rate: Math.round(rate),
     startP50: percentile(toStart, 50),
     startP99: percentile(toStart, 99),
@@ -223,6 +270,26 @@ async function memory() {
   return { idle, after10k, afterAll, withBacklog, growth: afterAll / after10k - 1 };
 }
 
+// `--only=latency` (with BENCH_LATENCY_RATE) or `--only=memory`: one phase, as JSON, to iterate on it.
+const only = process.argv.find((a) => a.startsWith('--only='))?.slice('--only='.length);
+if (only !== undefined) {
+  const phases: Record<string, () => Promise<unknown>> = {
+    latency: () => latency('service', Number(process.env.BENCH_LATENCY_RATE) || undefined),
+    memory,
+    tiny: () => tiny(2),
+    raw: rawCeiling,
+  };
+  const phase = phases[only];
+  if (phase === undefined) {
+    process.stderr.write(`unknown phase ${only}: one of ${Object.keys(phases).join(', ')}\n`);
+    process.exit(2);
+  }
+  process.stdout.write(`${JSON.stringify(await phase(), null, 2)}\n`);
+  for (const q of new Set(made)) await channel.deleteQueue(q).catch(() => {});
+  await connection.close();
+  process.exit(0);
+}
+
 const started = performance.now();
 log(
   `machine: ${os.cpus().length} cpus, node ${process.version}, RabbitMQ ${String(connection.connection.serverProperties.version)}`,
@@ -236,8 +303,10 @@ for (const workers of [1, 2, 4]) {
 }
 log('CPU-bound tasks, 2 workers...');
 const efficiency = await cpuEfficiency();
-log('latency at half the measured rate, 2 workers...');
-const lat = await latency(Number(process.env.BENCH_LATENCY_RATE) || (tinyRates[2] as number) / 2);
+log('latency at half the maximum rate of tasks with replies, 2 workers...');
+const lat = await latency('service', Number(process.env.BENCH_LATENCY_RATE) || undefined);
+log('the same latency run against a raw amqplib replier, for reference...');
+const rawLat = await latency('raw', lat.rate);
 log(`master memory over ${MEMORY_TASKS} tasks...`);
 const mem = await memory();
 
@@ -259,6 +328,7 @@ const result = {
   ),
   cpuBoundEfficiency: +efficiency.toFixed(3),
   latencyMs: lat,
+  rawReplierLatencyMs: rawLat,
   masterRssMb: mem,
   seconds: Math.round((performance.now() - started) / 1000),
 };
@@ -273,9 +343,24 @@ else {
       `${v.perSecond}/s`,
       v.ratio.toFixed(3),
     ]),
+    [
+      'service, tiny tasks with a reply each, 2 workers, live publisher',
+      `${lat.maxRate}/s`,
+      (lat.maxRate / result.rawConsumerPerSecond).toFixed(3),
+    ],
     ['CPU-bound 10 ms tasks, 2 workers: efficiency', f(result.cpuBoundEfficiency), ''],
     [`latency at ${lat.rate}/s: publish→start p50 / p99 (ms)`, `${f(lat.startP50)} / ${f(lat.startP99)}`, ''],
     [`latency at ${lat.rate}/s: publish→reply p50 / p99 (ms)`, `${f(lat.replyP50)} / ${f(lat.replyP99)}`, ''],
+    [
+      `raw amqplib replier at ${rawLat.rate}/s: publish→start p50 / p99 (ms)`,
+      `${f(rawLat.startP50)} / ${f(rawLat.startP99)}`,
+      '',
+    ],
+    [
+      `raw amqplib replier at ${rawLat.rate}/s: publish→reply p50 / p99 (ms)`,
+      `${f(rawLat.replyP50)} / ${f(rawLat.replyP99)}`,
+      '',
+    ],
     [
       'master RSS idle / after 10k / after all (MB)',
       `${f(mem.idle)} / ${f(mem.after10k)} / ${f(mem.afterAll)}`,

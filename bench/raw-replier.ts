@@ -1,0 +1,26 @@
+// The latency reference: a raw amqplib consumer that does what the service does for a
+// task with reply_to, with no pool and no worker: stamp the start, publish the reply on
+// a confirm channel, ack once the broker confirms it. Started by bench.ts.
+import amqp from 'amqplib';
+
+const [url, queue] = process.argv.slice(2) as [string, string];
+const consuming = await amqp.connect(url);
+const publishing = await amqp.connect(url);
+const channel = await consuming.createChannel();
+const replies = await publishing.createConfirmChannel();
+await channel.assertQueue(queue, { durable: true });
+await channel.prefetch(64);
+await channel.consume(queue, (m) => {
+  if (m === null) return;
+  const result = performance.timeOrigin + performance.now();
+  const body = Buffer.from(JSON.stringify({ ok: true, result }));
+  replies.publish('', m.properties.replyTo, body, { correlationId: m.properties.correlationId }, () =>
+    channel.ack(m),
+  );
+});
+process.send?.('ready');
+process.on('SIGTERM', async () => {
+  await consuming.close();
+  await publishing.close();
+  process.exit(0);
+});
