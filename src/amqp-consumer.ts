@@ -68,6 +68,8 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   #acks = new AckBatch();
   #flushSoon: NodeJS.Immediate | undefined;
   #flushLater: NodeJS.Timeout | undefined;
+  /** A prefetch change in progress (the consumer being replaced); changes run one at a time. */
+  #swapping: Promise<void> = Promise.resolve();
   /** Acks waiting that make a flush worth it at once. */
   #flushAt: number;
 
@@ -89,13 +91,33 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     return this.#prefetch;
   }
 
-  /** Changes the prefetch, on the live channel now and on every later one. */
-  async setPrefetch(count: number): Promise<void> {
+  /**
+   * Changes the prefetch, for the live consumer now and on every later channel. basic.qos
+   * (per consumer) binds only consumers started after it, so a live consumer is replaced:
+   * a new one starts under the new limit, then the old one is cancelled. Both deliver on
+   * the same channel, whose tags stay valid, so nothing in flight is disturbed.
+   */
+  setPrefetch(count: number): Promise<void> {
     this.#prefetch = count;
     this.#flushAt = flushAtFor(count);
-    await this.#channel
-      ?.prefetch(count)
-      .catch((err) => this.#log.warn({ err }, 'setting the prefetch failed'));
+    this.#swapping = this.#swapping.then(() => this.#swapConsumer(count));
+    return this.#swapping;
+  }
+
+  async #swapConsumer(count: number): Promise<void> {
+    const channel = this.#channel;
+    const connection = this.#connection;
+    const oldTag = this.#consumerTag;
+    if (channel === undefined || connection === undefined || oldTag === undefined || this.#stopping) return;
+    try {
+      await channel.prefetch(count);
+      if (this.#channel !== channel || this.#stopping) return;
+      this.#consumerTag = await this.#consume(channel, connection, this.#acks);
+      await channel.cancel(oldTag);
+    } catch (err) {
+      // The channel is going: the next session applies the new prefetch.
+      this.#log.warn({ err }, 'changing the prefetch failed');
+    }
   }
 
   get connected(): boolean {
@@ -176,6 +198,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   async cancel(): Promise<void> {
     this.#stopping = true;
     this.#wake?.();
+    await this.#swapping;
     const channel = this.#channel;
     const tag = this.#consumerTag;
     this.#consumerTag = undefined;
@@ -292,6 +315,15 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#channel = channel;
     this.#acks = new AckBatch();
     const acks = this.#acks;
+    const consumerTag = await this.#consume(channel, connection, acks);
+    this.#consumerTag = consumerTag;
+    this.#setState('consuming');
+    this.#log.info({ queue: this.#opts.topology.queue, prefetch: this.#prefetch }, 'consuming');
+    return { ended };
+  }
+
+  /** Starts a consumer on the queue; its deliveries carry `channel`, the one that may settle them. */
+  async #consume(channel: Channel, connection: ChannelModel, acks: AckBatch): Promise<string> {
     const { consumerTag } = await channel.consume(
       this.#opts.topology.queue,
       (message) => {
@@ -306,10 +338,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       },
       { noAck: false },
     );
-    this.#consumerTag = consumerTag;
-    this.#setState('consuming');
-    this.#log.info({ queue: this.#opts.topology.queue, prefetch: this.#prefetch }, 'consuming');
-    return { ended };
+    return consumerTag;
   }
 
   async #dropConnection(): Promise<void> {

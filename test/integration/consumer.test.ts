@@ -1,0 +1,55 @@
+// The consuming connection against the real broker: the prefetch window and its changes.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import pino from 'pino';
+import { AmqpConsumer, type Delivery } from '../../src/amqp-consumer.ts';
+import { AMQP_URL, broker, freshName, waitFor } from '../helpers.ts';
+
+for (const queueType of ['classic', 'quorum'] as const) {
+  test(`a prefetch change binds the live consumer at once, and nothing in flight is lost (${queueType})`, async (t) => {
+    const b = await broker(t);
+    const queue = freshName(t);
+    b.cleanup(queue, `${queue}.dead`);
+    const held: Delivery[] = [];
+    const consumer = new AmqpConsumer({
+      url: AMQP_URL,
+      topology: {
+        exchange: `${queue}.x`,
+        queue,
+        routingKey: 'rk',
+        queueType,
+        deliveryLimit: 0,
+        retryDelaysMs: [],
+      },
+      prefetch: 2,
+      logger: pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' }),
+      onDelivery: (delivery) => held.push(delivery),
+    });
+    t.after(async () => {
+      await consumer.close();
+      await b.channel.deleteExchange(`${queue}.x`).catch(() => {});
+    });
+    consumer.start();
+    await waitFor('consuming', () => consumer.state === 'consuming');
+    for (let i = 0; i < 10; i++) await b.send(queue, { func: 'add', args: [i, 0] });
+    await waitFor('two deliveries', () => held.length === 2);
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(held.length, 2, 'the window holds two');
+
+    // The new consumer's window is six of its own; the two the old one holds stay until settled.
+    await consumer.setPrefetch(6);
+    await waitFor('six more deliveries', () => held.length === 8);
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(held.length, 8, 'six for the new window, not more');
+
+    // Deliveries of the replaced consumer are settled on the same channel like the rest.
+    for (const d of held.splice(0)) assert.equal(consumer.ack(d), true);
+    await waitFor('the last two', () => held.length === 2);
+    for (const d of held.splice(0)) consumer.ack(d);
+    await waitFor('every message acked', async () => {
+      const q = await b.channel.checkQueue(queue);
+      return q.messageCount === 0 && q.consumerCount === 1;
+    });
+    assert.equal(held.length, 0);
+  });
+}
