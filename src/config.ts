@@ -12,7 +12,10 @@ export interface Config {
   exchange: string;
   queue: string;
   routingKey: string;
+  /** The prefetch to start with; it stays fixed when given, else follows the tasks (prefetchAuto). */
   prefetch: number;
+  /** No prefetch given: it follows the measured task duration (see auto-prefetch.ts). */
+  prefetchAuto: boolean;
   httpHost: string;
   httpPort: number;
   shutdownTimeout: number; // seconds
@@ -35,9 +38,10 @@ export const DEFAULT_TASK_PATH = fileURLToPath(new URL('../tasks/index.ts', impo
 export const DEFAULT_AMQP_URL = 'amqp://testuser:testuser@localhost:5672/';
 
 /**
- * The prefetch, when none is given: enough deliveries waiting in the master that a
- * worker finishing a task finds the next one at once, bounded so that one instance
- * does not hoard messages that another instance could run.
+ * The prefetch to start with when none is given, before any task has been timed: enough
+ * deliveries waiting in the master that a worker finishing a task finds the next one at
+ * once, bounded so that one instance does not hoard messages that another instance could
+ * run. From then on it follows the task duration (auto-prefetch.ts).
  */
 export function defaultPrefetch(workers: number): number {
   return Math.min(1000, workers * 32);
@@ -131,7 +135,7 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'PREFETCH',
     kind: 'count',
     arg: 'N',
-    help: 'unacknowledged deliveries held at once (default 32 per worker, at most 1000)',
+    help: 'unacknowledged deliveries held at once (default: about 1 s of work per worker, by the measured task duration; 32 per worker until measured; at most 1000)',
   },
   {
     key: 'httpHost',
@@ -239,7 +243,7 @@ const OPTIONS: readonly OptionSpec[] = [
   },
 ];
 
-const DEFAULTS: Omit<Config, 'prefetch' | 'shutdownToken'> = {
+const DEFAULTS: Omit<Config, 'prefetch' | 'prefetchAuto' | 'shutdownToken'> = {
   workers: 1,
   taskPath: DEFAULT_TASK_PATH,
   workerTimeout: 30,
@@ -371,6 +375,7 @@ export function parseConfig(
     if (spec.key === 'prefetch') prefetchGiven = true;
   }
   const config = values as unknown as Config;
+  config.prefetchAuto = !prefetchGiven;
   if (!prefetchGiven) config.prefetch = defaultPrefetch(config.workers);
   const token = env.SHUTDOWN_TOKEN;
   config.shutdownToken = token === undefined || token === '' ? undefined : token;

@@ -5,8 +5,9 @@
 // to boot stop the pool. The pool can be resized, recycles workers by task count or
 // memory between tasks, and rolls all workers onto new code (reload) one by one.
 //
-// Speed: while tasks are short (under PIPELINE_BELOW_MS on average), a child may be handed
-// a few tasks at once and runs them in order; the master still times each one, starting
+// Speed: while tasks are short, a child may be handed several at once and runs them in
+// order: as many as fit in PIPELINE_BUDGET_MS of work at the average duration (up to
+// maxPipeline), so that what waits inside a child stays short whatever the task size; the master still times each one, starting
 // its clock when the previous one reports done (which is when the child starts it). Tasks
 // handed over but not started are taken back (`cancel`) when a worker leaves, when the
 // pool closes, or when another worker sits idle behind a task that turned out long.
@@ -82,8 +83,13 @@ type PoolEvents = {
   change: [];
 };
 
-/** Pipelining pays while tasks are this short on average; longer ones go one at a time. */
-const PIPELINE_BELOW_MS = 2;
+/**
+ * How much work (at the average task duration) a child may hold beyond the task it runs.
+ * Every message to a child is a write that wakes it, which for tiny tasks costs more than
+ * the task; a deeper pipeline sends fewer, larger messages. Bounded in time, not count,
+ * so that a task handed to a busy child waits at most about this long for its turn.
+ */
+const PIPELINE_BUDGET_MS = 2;
 /** A running task older than this no longer takes tasks behind it, and gives back those it holds when a worker idles. */
 const LONG_TASK_MS = 5;
 
@@ -123,7 +129,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
       killGraceMs: 0,
       maxTasksPerWorker: 0,
       maxWorkerMemoryBytes: 0,
-      maxPipeline: 16,
+      maxPipeline: 64,
       childScript: '',
       ...opts,
     };
@@ -138,6 +144,22 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
 
   get size(): number {
     return this.#desired;
+  }
+
+  /** The moving average of task durations (undefined until a task has finished). */
+  get averageTaskMs(): number | undefined {
+    return this.#averageMs;
+  }
+
+  /**
+   * Gives back up to `count` tasks that wait in the master's queue, the newest first:
+   * they end as `returned` (their messages go back to the broker). How many it gave back.
+   */
+  giveBack(count: number): number {
+    const jobs = this.#queue.splice(Math.max(0, this.#queue.length - count));
+    for (const job of jobs)
+      job.resolve({ outcome: 'returned', reason: 'more was prefetched than the task duration warrants' });
+    return jobs.length;
   }
 
   stats(): PoolStats {
@@ -311,7 +333,9 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
   }
 
   #depth(): number {
-    return this.#averageMs !== undefined && this.#averageMs < PIPELINE_BELOW_MS ? this.#opts.maxPipeline : 1;
+    if (this.#averageMs === undefined) return 1;
+    const fits = Math.floor(PIPELINE_BUDGET_MS / Math.max(this.#averageMs, 0.001));
+    return Math.max(1, Math.min(this.#opts.maxPipeline, fits));
   }
 
   /** Whether `w` may take one more task now. */

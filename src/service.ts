@@ -6,6 +6,7 @@ import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
 import { AmqpConsumer } from './amqp-consumer.ts';
 import { AmqpPublisher } from './amqp-publisher.ts';
+import { AutoPrefetch } from './auto-prefetch.ts';
 import { type Config, redactUrl } from './config.ts';
 import { Dispatcher } from './dispatcher.ts';
 import { ServiceError } from './errors.ts';
@@ -41,6 +42,8 @@ export class Service {
   readonly publisher: AmqpPublisher;
   readonly dispatcher: Dispatcher;
   readonly http: FastifyInstance;
+  /** Present when no prefetch was given: the window follows the task duration. */
+  readonly #autoPrefetch: AutoPrefetch | undefined;
   readonly #log: Logger;
   #draining: Promise<Ending> | undefined;
   #resolveEnded: (ending: Ending) => void = () => {};
@@ -96,6 +99,14 @@ export class Service {
       maxMessageBytes: config.maxMessageBytes,
       retryDelaysMs: topology.retryDelaysMs,
     });
+    this.#autoPrefetch = config.prefetchAuto
+      ? new AutoPrefetch({
+          logger,
+          pool: this.pool,
+          consumer: this.consumer,
+          unsettled: () => this.dispatcher.inFlight,
+        })
+      : undefined;
     this.pool.on('restart', (reason) => this.metrics.workerRestarts.inc({ reason }));
     this.pool.on('fatal', (err) => this.#fail(err, 1));
     this.consumer.on('reconnected', () => this.metrics.amqpReconnects.inc());
@@ -142,6 +153,7 @@ export class Service {
       );
     }
     this.consumer.start();
+    this.#autoPrefetch?.start();
   }
 
   /**
@@ -204,11 +216,15 @@ export class Service {
   }
 
   /**
-   * Resizes the pool (PUT /workers, SIGTTIN, SIGTTOU); the prefetch follows, keeping the
-   * deliveries per worker it was started with.
+   * Resizes the pool (PUT /workers, SIGTTIN, SIGTTOU); the prefetch follows: by the task
+   * duration when it is automatic, else keeping the deliveries per worker it started with.
    */
   setWorkers(count: number): void {
     this.pool.resize(count);
+    if (this.#autoPrefetch !== undefined) {
+      this.#autoPrefetch.retune();
+      return;
+    }
     const perWorker = this.config.prefetch / this.config.workers;
     void this.consumer.setPrefetch(Math.max(1, Math.min(1000, Math.round(perWorker * count))));
   }
@@ -245,6 +261,7 @@ export class Service {
     const graceMs = this.config.shutdownTimeout * 1000;
     const deadline = performance.now() + graceMs;
     this.#log.info({ reason, shutdownTimeout: this.config.shutdownTimeout }, 'draining');
+    this.#autoPrefetch?.stop();
     await this.consumer.cancel();
     const settled = this.dispatcher.drain();
     await this.pool.close(Math.max(0, deadline - performance.now()));

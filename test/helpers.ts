@@ -128,6 +128,8 @@ export function testConfig(t: { name: string }, overrides: Partial<Config> = {})
     workerTimeout: 5,
     shutdownTimeout: 5,
     logLevel: process.env.TEST_LOG_LEVEL ?? 'silent',
+    // A prefetch given is a fixed one, as on the command line.
+    prefetchAuto: overrides.prefetch === undefined,
     ...overrides,
   };
 }

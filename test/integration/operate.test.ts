@@ -43,6 +43,25 @@ test('the pool grows and shrinks while tasks run, the prefetch follows, nothing 
   assert.equal(await metric(service, 'amqp_concurrency_worker_restarts_total{reason="recycle"}'), 0);
 });
 
+test('with no prefetch given, the window follows the task duration, and what it outgrew goes back unrun', async (t) => {
+  const b = await broker(t);
+  const service = await startService(t, b, testConfig(t, { workers: 2 }));
+  const q = service.config.queue;
+  const replies = await b.channel.assertQueue('', { exclusive: true });
+  const start = service.status().prefetch;
+  for (let i = 0; i < 50; i++) await call(b, q, replies.queue, { func: 'add', args: [i, 1] }, `a${i}`);
+  await waitFor('a deeper window for tiny tasks', () => service.status().prefetch > start);
+  assert.ok(service.status().prefetch <= 1000);
+  // Now long ones: more than a second of work per worker arrives at once.
+  for (let i = 0; i < 16; i++) await call(b, q, replies.queue, { func: 'sleep', args: [0.4] }, `s${i}`);
+  await waitFor('a shallow window for long tasks', () => service.status().prefetch <= 10, 10_000);
+  const got = results(await b.take(replies.queue, 66, 20_000));
+  assert.equal(got.size, 66, 'every task ran and replied');
+  for (const [, r] of got) assert.equal(r.ok, true);
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal((await b.drainQueue(replies.queue)).length, 0, 'none ran twice');
+});
+
 test('--max-tasks-per-worker replaces a worker between tasks, counted as recycle', async (t) => {
   const b = await broker(t);
   const service = await startService(t, b, testConfig(t, { workers: 1, maxTasksPerWorker: 2 }));

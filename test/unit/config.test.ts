@@ -34,6 +34,7 @@ test('the defaults of SPEC §1', () => {
   assert.equal(c.shutdownTimeout, 30);
   assert.equal(c.shutdownToken, undefined);
   assert.equal(c.prefetch, defaultPrefetch(1));
+  assert.equal(c.prefetchAuto, true, 'no prefetch given: it follows the tasks');
   assert.match(c.taskPath, /tasks\/index\.ts$/);
   assert.equal(c.maxRetries, 0);
   assert.equal(c.queueType, 'classic');
@@ -101,6 +102,7 @@ test('a flag beats its env variable, which beats the default', () => {
     defaultPrefetch(4),
     'the default prefetch follows the workers',
   );
+  assert.equal(config([], { PREFETCH: '7' }).prefetchAuto, false, 'a prefetch given stays fixed');
 });
 
 test('--help and --version', () => {
