@@ -42,8 +42,9 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
       stdio: ['ignore', 'inherit', 'inherit', 'ipc', 'pipe'],
     });
     this.pid = this.child.pid;
-    const results = this.child.stdio[4] as Readable;
-    this.#readResults(results);
+    // Absent only when the spawn itself failed; then 'exit' follows at once.
+    const results = this.child.stdio[4] as Readable | null;
+    if (results !== null) this.#readResults(results);
     this.exited = new Promise((resolve) => this.once('exit', () => resolve()));
     this.ready = new Promise<string[]>((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -79,6 +80,10 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
         // The last results may still be in the pipe when the exit is seen: read them
         // first, or a task that finished just before its process died would count as
         // crashed. A grandchild holding the pipe open must not delay the exit for long.
+        if (results === null) {
+          exited(code, signal);
+          return;
+        }
         const grace = setTimeout(() => exited(code, signal), 1_000);
         finished(results, () => {
           clearTimeout(grace);
@@ -89,7 +94,7 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
       const exited = (code: number | null, signal: NodeJS.Signals | null) => {
         if (exitSeen) return;
         exitSeen = true;
-        results.destroy();
+        results?.destroy();
         if (this.state === 'starting') {
           const how = signal ?? `exit code ${code}`;
           fail(
