@@ -54,9 +54,10 @@ let rssReportedAt = Number.NEGATIVE_INFINITY;
  * tasks as crashed, and start the next task's clock late. A synchronous write to a pipe
  * is in the kernel when it returns; the master reads many lines per read.
  */
-function report(outcome: TaskOutcome): void {
-  const line: ResultLine = outcome;
+function report(outcome: TaskOutcome, startedAt: number): void {
   const now = performance.now();
+  const line: ResultLine = outcome;
+  line.ranMs = Math.round((now - startedAt) * 1000) / 1000;
   if (rssEachTask || now - rssReportedAt >= RSS_EVERY_MS) {
     line.rssBytes = process.memoryUsage.rss();
     rssReportedAt = now;
@@ -116,7 +117,8 @@ async function pump(funcs: Map<string, TaskFunction>): Promise<void> {
   if (pumping) return;
   pumping = true;
   for (let task = queue.shift(); task !== undefined; task = queue.shift()) {
-    report(await runTask(funcs, task));
+    const startedAt = performance.now();
+    report(await runTask(funcs, task), startedAt);
   }
   pumping = false;
 }

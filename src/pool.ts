@@ -7,10 +7,11 @@
 //
 // Speed: while tasks are short, a child may be handed several at once and runs them in
 // order: as many as fit in PIPELINE_BUDGET_MS of work at the average duration (up to
-// maxPipeline), so that what waits inside a child stays short whatever the task size; the master still times each one, starting
-// its clock when the previous one reports done (which is when the child starts it). Tasks
-// handed over but not started are taken back (`cancel`) when a worker leaves, when the
-// pool closes, or when another worker sits idle behind a task that turned out long.
+// maxPipeline), so that what waits inside a child stays short whatever the task size.
+// The master still times each one, starting its clock when the previous one reports done
+// (which is when the child starts it). Tasks handed over but not started are taken back
+// (`cancel`) when a worker leaves, when the pool closes, or when another worker sits idle
+// behind a task that turned out long.
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import { type SerializedError, ServiceError } from './errors.ts';
@@ -146,7 +147,7 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
     return this.#desired;
   }
 
-  /** The moving average of task durations (undefined until a task has finished). */
+  /** The moving average of task run times, as the children measure them (undefined until one finished). */
   get averageTaskMs(): number | undefined {
     return this.#averageMs;
   }
@@ -506,7 +507,10 @@ export class WorkerPool extends EventEmitter<PoolEvents> {
       }
       jobs.shift();
       const durationMs = performance.now() - job.startedAt;
-      this.#averageMs = this.#averageMs === undefined ? durationMs : this.#averageMs * 0.8 + durationMs * 0.2;
+      // The child's own measure: results read together would otherwise look like one
+      // long task and several of no length, and the average would understate them.
+      const ranMs = outcome.ranMs ?? durationMs;
+      this.#averageMs = this.#averageMs === undefined ? ranMs : this.#averageMs * 0.8 + ranMs * 0.2;
       w.tasksDone++;
       clearTimeout(job.timer);
       job.resolve(this.#resultOf(job, outcome, durationMs));

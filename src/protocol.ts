@@ -75,8 +75,11 @@ export type TaskOutcome =
 /** The child's file descriptor for results: fork's stdio[4], a pipe to the master. */
 export const RESULTS_FD = 4;
 
-/** One line on the results pipe. `rssBytes`: the child's memory after the task, when it says. */
-export type ResultLine = TaskOutcome & { rssBytes?: number };
+/**
+ * One line on the results pipe. `ranMs`: how long the task ran, by the child's clock.
+ * `rssBytes`: the child's memory after the task, when it says.
+ */
+export type ResultLine = TaskOutcome & { ranMs?: number; rssBytes?: number };
 
 export interface CancelledMessage {
   type: 'cancelled';
