@@ -24,6 +24,11 @@ export class AckBatch {
   readonly #unsettled = new Set<number>();
   #acked: number[] = [];
 
+  /** The oldest delivery not settled yet: it holds back the acks above it. */
+  get lowestUnsettled(): number | undefined {
+    return this.#unsettled.values().next().value;
+  }
+
   /** Acks made and not sent yet (held back ones included). */
   get pending(): number {
     return this.#acked.length;
@@ -48,7 +53,7 @@ export class AckBatch {
     const acked = this.#acked;
     this.#acked = [];
     if (acked.length === 0) return { upTo: undefined, singles: [] };
-    const lowestUnsettled: number | undefined = this.#unsettled.values().next().value;
+    const lowestUnsettled = this.lowestUnsettled;
     let upTo: number | undefined;
     const above: number[] = [];
     for (const tag of acked) {

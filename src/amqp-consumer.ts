@@ -22,6 +22,8 @@ import { declareTopology, type Topology } from './topology.ts';
 
 /** How long an ack may wait to go out with others (see ack()). */
 const ACK_DELAY_MS = 1;
+/** How long a delivery may hold back the acks above it before they go out alone (see #flushTimed). */
+const ACK_HOLD_MS = 5;
 
 /** A quarter of the prefetch window (256 when it is unlimited). */
 function flushAtFor(prefetch: number): number {
@@ -68,6 +70,8 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   #acks = new AckBatch();
   #flushSoon: NodeJS.Immediate | undefined;
   #flushLater: NodeJS.Timeout | undefined;
+  /** The lowest unsettled delivery at the last timed flush, and since when it has been. */
+  #lowest: { tag: number | undefined; since: number } = { tag: undefined, since: 0 };
   /** A prefetch change in progress (the consumer being replaced); changes run one at a time. */
   #swapping: Promise<void> = Promise.resolve();
   /** Acks waiting that make a flush worth it at once. */
@@ -145,7 +149,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     if (!this.#isLive(delivery)) return false;
     this.#acks.ack(delivery.message.fields.deliveryTag);
     if (this.#acks.pending >= this.#flushAt) this.#flushSoon ??= setImmediate(() => this.#flushAcks(true));
-    else this.#flushLater ??= setTimeout(() => this.#flushAcks(false), ACK_DELAY_MS);
+    else this.#flushLater ??= setTimeout(() => this.#flushTimed(), ACK_DELAY_MS);
     return true;
   }
 
@@ -158,10 +162,20 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   }
 
   /**
-   * Sends the acks made so far. `holdBack`: keep those above a delivery still running for
-   * a later multiple ack (AckBatch); the timed flush sends them alone, so none waits
-   * longer than about ACK_DELAY_MS.
+   * The timed flush: a multiple ack for what it can cover, and the acks held above a
+   * delivery still running go out alone only once that delivery has been the lowest
+   * unsettled for ACK_HOLD_MS: a task that long is not about to finish, and must not hold
+   * the window shut. Tasks queued behind a short one finish first and are covered.
    */
+  #flushTimed(): void {
+    this.#flushLater = undefined;
+    const lowest = this.#acks.lowestUnsettled;
+    const now = performance.now();
+    if (lowest !== this.#lowest.tag) this.#lowest = { tag: lowest, since: now };
+    this.#flushAcks(now - this.#lowest.since < ACK_HOLD_MS);
+  }
+
+  /** Sends the acks made so far; `holdBack` keeps those above a delivery still running. */
   #flushAcks(holdBack: boolean): void {
     clearImmediate(this.#flushSoon);
     this.#flushSoon = undefined;
@@ -172,7 +186,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     const channel = this.#channel;
     const { upTo, singles } = this.#acks.take({ holdBack });
     if (channel === undefined) return; // the channel died: the broker redelivers
-    if (this.#acks.pending > 0) this.#flushLater ??= setTimeout(() => this.#flushAcks(false), ACK_DELAY_MS);
+    if (this.#acks.pending > 0) this.#flushLater ??= setTimeout(() => this.#flushTimed(), ACK_DELAY_MS);
     // amqplib reads only the delivery tag of the message it is given.
     if (upTo !== undefined) channel.ack({ fields: { deliveryTag: upTo } } as ConsumeMessage, true);
     for (const tag of singles) channel.ack({ fields: { deliveryTag: tag } } as ConsumeMessage, false);

@@ -62,6 +62,21 @@ test('with no prefetch given, the window follows the task duration, and what it 
   assert.equal((await b.drainQueue(replies.queue)).length, 0, 'none ran twice');
 });
 
+test('a long task does not hold back the acks of the short ones after it: the window keeps moving', async (t) => {
+  const b = await broker(t);
+  // A window of 4: were the acks above the long task held until it ends, the short ones
+  // after it would stop at three.
+  const service = await startService(t, b, testConfig(t, { workers: 2, prefetch: 4 }));
+  const q = service.config.queue;
+  const replies = await b.channel.assertQueue('', { exclusive: true });
+  await call(b, q, replies.queue, { func: 'sleep', args: [2] }, 'long');
+  for (let i = 0; i < 20; i++) await call(b, q, replies.queue, { func: 'add', args: [i, 1] }, `s${i}`);
+  const first = results(await b.take(replies.queue, 20, 1_500));
+  assert.equal(first.has('long'), false, 'the long task is still running');
+  assert.equal(first.size, 20, 'all twenty short ones replied meanwhile');
+  assert.equal(results(await b.take(replies.queue, 1, 5_000)).get('long')?.ok, true);
+});
+
 test('--max-tasks-per-worker replaces a worker between tasks, counted as recycle', async (t) => {
   const b = await broker(t);
   const service = await startService(t, b, testConfig(t, { workers: 1, maxTasksPerWorker: 2 }));

@@ -123,3 +123,13 @@ test('without holdBack, the acks held back go out alone: a long task below them 
   assert.deepEqual(batch.take(), { upTo: undefined, singles: [2, 3] });
   assert.equal(batch.pending, 0);
 });
+
+test('lowestUnsettled names the delivery that holds the acks above it back', () => {
+  const batch = new AckBatch();
+  assert.equal(batch.lowestUnsettled, undefined);
+  for (let tag = 1; tag <= 3; tag++) batch.delivered(tag);
+  batch.ack(1);
+  assert.equal(batch.lowestUnsettled, 2);
+  batch.settled(2);
+  assert.equal(batch.lowestUnsettled, 3);
+});
