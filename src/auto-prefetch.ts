@@ -44,9 +44,10 @@ export interface AutoPrefetchOptions {
   consumer: { readonly prefetch: number; setPrefetch(count: number): Promise<void> };
   /** Deliveries received and not yet settled. */
   unsettled: () => number;
-  /** How often to look at the average. */
-  intervalMs?: number;
 }
+
+/** How often to look at the average: cheap, and soon after start-up it matters. */
+const RETUNE_EVERY_MS = 100;
 
 export class AutoPrefetch {
   readonly #opts: AutoPrefetchOptions;
@@ -59,7 +60,7 @@ export class AutoPrefetch {
   }
 
   start(): void {
-    this.#timer ??= setInterval(() => this.retune(), this.#opts.intervalMs ?? 100);
+    this.#timer ??= setInterval(() => this.retune(), RETUNE_EVERY_MS);
     this.#timer.unref();
   }
 

@@ -67,7 +67,7 @@ function report(outcome: TaskOutcome, startedAt: number): void {
     // The pipe is blocking on this side: a write waits while the master's end is full,
     // and returns short only if a signal interrupts it.
     const written = writeSync(RESULTS_FD, text);
-    if (written < text.length || written < Buffer.byteLength(text)) writeRest(Buffer.from(text), written);
+    if (written < Buffer.byteLength(text)) writeRest(Buffer.from(text), written);
   } catch {
     // The master has gone (EPIPE): nobody to tell; the disconnect handler exits.
   }

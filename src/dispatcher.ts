@@ -140,7 +140,7 @@ export class Dispatcher {
       return true;
     }
     const running = this.#running.get(messageId);
-    if (running !== undefined && !this.#opts.consumer.isLive(running.delivery)) {
+    if (running !== undefined && !consumer.isLive(running.delivery)) {
       running.delivery = delivery;
       this.#log.info(fields, 'redelivery of a message still running: it will be settled when the run ends');
       return true;

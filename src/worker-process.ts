@@ -3,8 +3,7 @@
 // policy: deadlines, scheduling and replacement belong to the pool.
 import { type ChildProcess, fork } from 'node:child_process';
 import { EventEmitter } from 'node:events';
-import type { Readable } from 'node:stream';
-import { finished } from 'node:stream';
+import { finished, type Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { ServiceError } from './errors.ts';
 import type { CancelledMessage, ChildMessage, MasterMessage, ResultLine } from './protocol.ts';
@@ -25,7 +24,7 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
   readonly pid: number | undefined;
   state: WorkerState = 'starting';
   tasksDone = 0;
-  /** The child's resident memory as it last reported it (with each finished task). */
+  /** The child's resident memory as it last reported it (after a task; see child.ts for how often). */
   rssBytes: number | undefined;
   /** Resolves with the names the module exports once ready; rejects if it fails to boot. */
   readonly ready: Promise<string[]>;
