@@ -10,13 +10,12 @@
 // never takes back what was delivered, and a burst of long tasks after tiny ones would
 // otherwise keep hundreds of messages waiting here, past RabbitMQ's consumer_timeout.
 import type { Logger } from 'pino';
-import { defaultPrefetch } from './config.ts';
+import { defaultPrefetch, MAX_PREFETCH } from './config.ts';
 
 /** The work, in milliseconds at the average duration, one worker may have waiting here. */
 export const HOLD_MS = 1_000;
-/** The most any instance takes at once, per worker and in all. */
+/** The most one worker's share may be (MAX_PREFETCH bounds them all). */
 export const MAX_PER_WORKER = 256;
-export const MAX_PREFETCH = 1_000;
 /** At least the running task and the next one, so a worker never waits on the broker. */
 export const MIN_PER_WORKER = 2;
 

@@ -37,6 +37,9 @@ export type ParseResult = { kind: 'run'; config: Config } | { kind: 'help' } | {
 export const DEFAULT_TASK_PATH = fileURLToPath(new URL('../tasks/index.ts', import.meta.url));
 export const DEFAULT_AMQP_URL = 'amqp://testuser:testuser@localhost:5672/';
 
+/** The most deliveries one instance holds at once, however the prefetch is chosen. */
+export const MAX_PREFETCH = 1_000;
+
 /**
  * The prefetch to start with when none is given, before any task has been timed: enough
  * deliveries waiting in the master that a worker finishing a task finds the next one at
@@ -44,7 +47,7 @@ export const DEFAULT_AMQP_URL = 'amqp://testuser:testuser@localhost:5672/';
  * run. From then on it follows the task duration (auto-prefetch.ts).
  */
 export function defaultPrefetch(workers: number): number {
-  return Math.min(1000, workers * 32);
+  return Math.min(MAX_PREFETCH, workers * 32);
 }
 
 type Kind =

@@ -7,7 +7,7 @@ import { Registry } from 'prom-client';
 import { AmqpConsumer } from './amqp-consumer.ts';
 import { AmqpPublisher } from './amqp-publisher.ts';
 import { AutoPrefetch } from './auto-prefetch.ts';
-import { type Config, redactUrl } from './config.ts';
+import { type Config, MAX_PREFETCH, redactUrl } from './config.ts';
 import { Dispatcher } from './dispatcher.ts';
 import { ServiceError } from './errors.ts';
 import { buildServer, type HealthReport, type StatusReport } from './http.ts';
@@ -226,7 +226,7 @@ export class Service {
       return;
     }
     const perWorker = this.config.prefetch / this.config.workers;
-    void this.consumer.setPrefetch(Math.max(1, Math.min(1000, Math.round(perWorker * count))));
+    void this.consumer.setPrefetch(Math.max(1, Math.min(MAX_PREFETCH, Math.round(perWorker * count))));
   }
 
   /** Rolls every worker onto the task module's current code (SIGHUP). */

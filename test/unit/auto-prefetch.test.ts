@@ -6,11 +6,10 @@ import {
   autoPrefetch,
   HOLD_MS,
   MAX_PER_WORKER,
-  MAX_PREFETCH,
   MIN_PER_WORKER,
   worthRetuning,
 } from '../../src/auto-prefetch.ts';
-import { defaultPrefetch } from '../../src/config.ts';
+import { defaultPrefetch, MAX_PREFETCH } from '../../src/config.ts';
 
 test('the window holds about HOLD_MS of work per worker, within its bounds', () => {
   assert.equal(autoPrefetch(2, undefined), defaultPrefetch(2), 'untimed: the safe default');
