@@ -111,14 +111,26 @@ async function runTask(funcs: Map<string, TaskFunction>, task: RunTask): Promise
   }
 }
 
+/**
+ * How long a backlog of synchronous tasks may run before the child lets its event loop
+ * turn: a `cancel` from the master (a drain, a dead channel, a worker leaving) is a
+ * message that waits for that turn, and must not wait for the whole backlog.
+ */
+const YIELD_EVERY_MS = 2;
+
 /** Runs the queue one task at a time; the master counts on that order for its deadlines. */
 let pumping = false;
 async function pump(funcs: Map<string, TaskFunction>): Promise<void> {
   if (pumping) return;
   pumping = true;
+  let turnedAt = performance.now();
   for (let task = queue.shift(); task !== undefined; task = queue.shift()) {
     const startedAt = performance.now();
     report(await runTask(funcs, task), startedAt);
+    if (queue.length > 0 && performance.now() - turnedAt >= YIELD_EVERY_MS) {
+      await new Promise(setImmediate);
+      turnedAt = performance.now();
+    }
   }
   pumping = false;
 }

@@ -1,6 +1,6 @@
-// One forked worker as the master sees it: the child process, its boot (it says `ready`
+// One forked worker process as the master sees it: the child, its boot (it says `ready`
 // with the names it can run, or `load-failed`), its messages and its exit. It holds no
-// policy: deadlines, scheduling and replacement belong to the pool.
+// policy and no task state: those belong to its PoolWorker (pool-worker.ts).
 import { type ChildProcess, fork } from 'node:child_process';
 import { EventEmitter } from 'node:events';
 import { finished, type Readable } from 'node:stream';
@@ -9,8 +9,6 @@ import { ServiceError } from './errors.ts';
 import type { CancelledMessage, ChildMessage, MasterMessage, ResultLine } from './protocol.ts';
 
 export const CHILD_SCRIPT = fileURLToPath(new URL('./child.ts', import.meta.url));
-
-export type WorkerState = 'starting' | 'idle' | 'busy' | 'stopping';
 
 type WorkerEvents = {
   /** Results in the order the tasks ran: all those one read of the results pipe brought. */
@@ -22,8 +20,6 @@ type WorkerEvents = {
 export class WorkerProcess extends EventEmitter<WorkerEvents> {
   readonly child: ChildProcess;
   readonly pid: number | undefined;
-  state: WorkerState = 'starting';
-  tasksDone = 0;
   /** The child's resident memory as it last reported it (after a task; see child.ts for how often). */
   rssBytes: number | undefined;
   /** Resolves with the names the module exports once ready; rejects if it fails to boot. */
@@ -33,6 +29,7 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
 
   constructor(moduleUrl: string, bootTimeoutMs: number, childScript = CHILD_SCRIPT) {
     super();
+    let booting = true;
     this.child = fork(childScript, [moduleUrl], {
       // The master's own flags (a test runner's, an inspector) are not the children's.
       execArgv: [],
@@ -51,15 +48,15 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
       }, bootTimeoutMs);
       const fail = (err: ServiceError) => {
         clearTimeout(timer);
+        booting = false;
         // A child that failed to start is never reused.
-        this.state = 'stopping';
         this.child.kill('SIGKILL');
         reject(err);
       };
       this.child.on('message', (msg: ChildMessage) => {
-        if (msg.type === 'ready' && this.state === 'starting') {
+        if (msg.type === 'ready' && booting) {
           clearTimeout(timer);
-          this.state = 'idle';
+          booting = false;
           resolve(msg.funcs);
         } else if (msg.type === 'load-failed') {
           fail(
@@ -94,7 +91,7 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
         if (exitSeen) return;
         exitSeen = true;
         results?.destroy();
-        if (this.state === 'starting') {
+        if (booting) {
           const how = signal ?? `exit code ${code}`;
           fail(
             new ServiceError(
@@ -148,8 +145,15 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
     });
   }
 
-  send(message: MasterMessage): void {
-    if (this.child.connected) this.child.send(message, undefined, {}, () => {});
+  /**
+   * Sends a message; false when the child can no longer be told anything. Throws when the
+   * message cannot be serialised (a value nested too deep for JSON.stringify's stack):
+   * the caller decides what that means for the tasks in it.
+   */
+  send(message: MasterMessage): boolean {
+    if (!this.child.connected) return false;
+    this.child.send(message, undefined, {}, () => {});
+    return true;
   }
 
   kill(): void {
@@ -158,7 +162,6 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
 
   /** Asks an idle child to leave: it exits when its IPC channel closes. */
   retire(): void {
-    this.state = 'stopping';
     if (this.child.connected) this.child.disconnect();
     else this.child.kill('SIGKILL');
   }

@@ -43,7 +43,7 @@ function pool(
 test('children say ready with the names they can run; tasks run and return', async (t) => {
   const p = pool(t);
   await p.start();
-  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 2, busy: 0, queued: 0 });
+  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 2, busy: 0, queued: 0, bootFailures: 0 });
   assert.ok(p.funcs.has('add') && p.funcs.has('sleep'));
   assert.ok(!p.funcs.has('default'));
   const results = await Promise.all([p.run(request('add', [1, 2])), p.run(request('echo', ['x']))]);
@@ -58,13 +58,13 @@ test('one task at a time per worker: the third waits for a free worker', async (
   await p.start();
   const runs = [p.run(request('sleep', [0.3])), p.run(request('sleep', [0.3])), p.run(request('pid'))];
   await waitFor('both workers busy', () => p.stats().busy === 2);
-  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 0, busy: 2, queued: 1 });
+  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 0, busy: 2, queued: 1, bootFailures: 0 });
   const results = await Promise.all(runs);
   assert.deepEqual(
     results.map((r) => r.outcome),
     ['succeeded', 'succeeded', 'succeeded'],
   );
-  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 2, busy: 0, queued: 0 });
+  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 2, busy: 0, queued: 0, bootFailures: 0 });
 });
 
 test('a module that fails to load rejects start with ERR_TASK_MODULE and leaves no child behind', async (t) => {
@@ -74,7 +74,7 @@ test('a module that fails to load rejects start with ERR_TASK_MODULE and leaves 
     assert.match(err.message, /broken on purpose/);
     return true;
   });
-  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 0, busy: 0, queued: 0 });
+  assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 0, busy: 0, queued: 0, bootFailures: 0 });
 });
 
 test('the master kills a task past its deadline, waits for the exit, then refills the slot', async (t) => {
