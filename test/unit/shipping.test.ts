@@ -1,6 +1,7 @@
 // The shipping files held to the contract, without a Docker engine: they parse, and what
 // they name (files, routes, ports, credentials, metrics) is what the service really has.
 import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -44,31 +45,74 @@ function servedRoutes() {
   return app;
 }
 
-test('the image: Node.js 24, tini as PID 1, non-root, a HEALTHCHECK on /health/live, SIGTERM, the port', () => {
+/** The text of one Dockerfile stage, from its FROM to the next FROM. */
+function stage(name: string): string {
+  const start = dockerfile.search(new RegExp(`^FROM \\S+ AS ${name}$`, 'm'));
+  assert.ok(start >= 0, `the Dockerfile has a ${name} stage`);
+  const next = dockerfile.slice(start + 1).search(/^FROM /m);
+  return next < 0 ? dockerfile.slice(start) : dockerfile.slice(start, start + 1 + next);
+}
+
+/** The init as PID 1: dumb-init in single-child mode, which forwards TTIN/TTOU (tini does not). */
+function assertInit(text: string, what: string) {
+  const entry = /^ENTRYPOINT (\[.*\])$/m.exec(text)?.[1];
+  const argv = JSON.parse(entry ?? '[]') as string[];
+  assert.deepEqual(argv.slice(0, 3), ['/usr/bin/dumb-init', '-c', '--'], `${what} runs under dumb-init -c`);
+  return argv.slice(3);
+}
+
+test('the image: Node.js 24, an init as PID 1, non-root, a HEALTHCHECK on /health/live, SIGTERM, the port', () => {
   const stages = new Set([...dockerfile.matchAll(/^FROM \S+ AS (\S+)/gm)].map((m) => m[1]));
   const images = [...dockerfile.matchAll(/^FROM (\S+)/gm)].map((m) => m[1]).filter((f) => !stages.has(f));
   assert.ok(
     images.length > 0 && images.every((f) => f?.startsWith('node:24')),
     `every base image is Node 24: ${images}`,
   );
-  const runtime = dockerfile.slice(dockerfile.indexOf('AS runtime'));
+  assert.doesNotMatch(dockerfile, /^# *syntax=/m, 'no frontend image to fetch from Docker Hub');
+  assert.ok(
+    dockerfile.indexOf(' AS runtime') < dockerfile.indexOf(' AS test'),
+    'the runtime stage comes first: an in-order builder stops there for target: runtime',
+  );
+  const runtime = stage('runtime');
   assert.match(runtime, /^USER node$/m);
   assert.match(runtime, /^STOPSIGNAL SIGTERM$/m);
   assert.match(runtime, /^EXPOSE 8080$/m);
   assert.match(runtime, /^HEALTHCHECK .*\n.*\/health\/live/m);
   assert.ok(runtime.includes(ROUTES.live));
-  const entry = /^ENTRYPOINT (\[.*\])$/m.exec(runtime)?.[1];
-  const argv = JSON.parse(entry ?? '[]') as string[];
-  assert.equal(argv[0], '/usr/bin/tini');
-  assert.match(dockerfile, /apt-get install .*tini/);
-  const script = argv.find((a) => a.endsWith('.ts'));
+  assert.match(dockerfile, /apt-get install .*dumb-init/);
+  const script = assertInit(runtime, 'the runtime').find((a) => a.endsWith('.ts'));
   assert.ok(script !== undefined && existsSync(join(ROOT, script)), `the entry ${script} exists`);
   assert.match(runtime, /npm ci --omit=dev|--from=deps/);
-  for (const [, src] of dockerfile.matchAll(/^COPY (?!--from)(\S+)/gm)) {
-    assert.ok(existsSync(join(ROOT, src as string)), `COPY ${src} exists`);
+  for (const [, sources] of dockerfile.matchAll(/^COPY (?!--from)(.+) \S+$/gm)) {
+    for (const src of (sources as string).split(' '))
+      assert.ok(existsSync(join(ROOT, src)), `COPY ${src} exists`);
   }
   const ignored = read('.dockerignore').split('\n');
   assert.ok(ignored.includes('node_modules'));
+});
+
+test('the test image has what the suite reads and runs: the shipping files, ps, an init', () => {
+  const tests = stage('test');
+  const copied = [...tests.matchAll(/^COPY (?!--from)(.+) \S+$/gm)].flatMap((m) =>
+    (m[1] as string).split(' '),
+  );
+  const ignored = new Set(read('.dockerignore').split('\n'));
+  for (const needed of [
+    'docker-compose.yml',
+    'Dockerfile',
+    '.dockerignore',
+    'deploy',
+    'src',
+    'tasks',
+    'test',
+  ]) {
+    assert.ok(copied.includes(needed), `the test stage copies ${needed}`);
+    assert.ok(!ignored.has(needed), `.dockerignore keeps ${needed} in the context`);
+  }
+  assert.match(tests, /apt-get install .*procps/, 'ps, for the e2e test of a killed master');
+  assert.match(tests, /^RUN npm ci --no-audit/m, 'the dev dependencies');
+  assert.match(tests, /^USER node$/m);
+  assertInit(tests, 'the test image (it reaps the workers of a killed master)');
 });
 
 test('compose: RabbitMQ with testuser and a healthcheck, the service waiting for it, the test service', () => {
@@ -90,7 +134,20 @@ test('compose: RabbitMQ with testuser and a healthcheck, the service waiting for
   assert.deepEqual(tests.profiles, ['test'], 'not started by a plain `docker compose up`');
   assert.ok(service.environment.SHUTDOWN_TOKEN);
   const port = String(service.environment.HTTP_PORT);
-  assert.ok(service.ports.includes(`${port}:${port}`));
+  // Loopback unless BIND_ADDRESS says otherwise; each host port movable by its variable.
+  const published = (s: Obj) =>
+    (s.ports as string[]).map((p) => {
+      const m = /^\$\{BIND_ADDRESS:-127\.0\.0\.1\}:\$\{[A-Z_]+_HOST_PORT:-(\d+)\}:(\d+)$/.exec(p);
+      assert.ok(m, `${p} binds 127.0.0.1 by default, its host port from a variable`);
+      return { host: m[1], container: m[2] };
+    });
+  assert.deepEqual(published(service), [{ host: port, container: port }]);
+  assert.deepEqual(
+    published(rabbitmq).map((p) => p.container),
+    ['5672', '15672'],
+  );
+  for (const name of ['prometheus', 'grafana']) published(compose.services[name]);
+  assert.equal(service.restart, 'on-failure', 'a graceful exit 0 (POST /shutdown) stays stopped');
   const grace = Number(String(service.stop_grace_period).replace(/s$/, ''));
   assert.ok(grace > Number(service.environment.SHUTDOWN_TIMEOUT), 'Docker waits longer than the drain');
   for (const name of ['prometheus', 'grafana'])
@@ -101,6 +158,20 @@ test('compose: RabbitMQ with testuser and a healthcheck, the service waiting for
   const scrape = parseYaml(read('deploy/prometheus/prometheus.yml')) as Obj;
   assert.deepEqual(scrape.scrape_configs[0].static_configs[0].targets, [`amqp-concurrency:${port}`]);
   assert.equal(scrape.scrape_configs[0].metrics_path, ROUTES.metrics);
+});
+
+test('the alert rules pass their promtool unit tests', (t) => {
+  if (spawnSync('promtool', ['--version'], { stdio: 'ignore' }).status !== 0) {
+    t.skip('promtool is not installed (Debian: apt-get install prometheus)');
+    return;
+  }
+  for (const args of [
+    ['check', 'rules', 'deploy/prometheus/alerts.yml'],
+    ['test', 'rules', 'deploy/prometheus/alerts.test.yml'],
+  ]) {
+    const run = spawnSync('promtool', args, { cwd: ROOT, encoding: 'utf8', timeout: 60_000 });
+    assert.equal(run.status, 0, `promtool ${args.join(' ')}\n${run.stdout}${run.stderr}`);
+  }
 });
 
 test('Kubernetes: probes on routes the server really serves, on the container port; grace past the drain', async () => {
