@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { closeConnections, faultsUnavailable, startBroker, stopBroker } from '../broker-faults.ts';
 import {
+  AMQP_URL,
   type Broker,
   broker,
   cliArgs,
@@ -20,7 +21,7 @@ import {
   waitFor,
 } from '../helpers.ts';
 
-const skip = faultsUnavailable();
+const skip = await faultsUnavailable(AMQP_URL);
 
 function runsFile(t: { after: (fn: () => unknown) => void }): string {
   const dir = mkdtempSync(join(tmpdir(), 'faults-'));
@@ -85,7 +86,7 @@ test('two forced closes under load lose nothing; the service reconnects without 
   const pidTag = `(pid ${process.pid})`;
   for (let round = 1; round <= 2; round++) {
     await waitFor('some progress', () => runCounts(path).size >= (n / 3) * round);
-    assert.ok(closeConnections(pidTag) >= 1, 'closed our connections');
+    assert.ok((await closeConnections(pidTag)) >= 1, 'closed our connections');
     await waitFor('a reconnect', () => service.health().status !== 'ok', 5_000).catch(() => {});
     await waitFor('healthy again', () => service.health().status === 'ok', 10_000);
   }
@@ -187,21 +188,22 @@ test('two forced closes and a broker restart under load lose nothing; healthy ag
   // The issue's whole scenario: two forced closes first, then the restart.
   for (let round = 1; round <= 2; round++) {
     await waitFor('some progress', () => runCounts(path).size >= 20 * round);
-    assert.ok(closeConnections(`(pid ${process.pid})`) >= 1);
+    assert.ok((await closeConnections(`(pid ${process.pid})`)) >= 1);
     await waitFor('healthy again', () => service.health().status === 'ok', 10_000);
   }
   await waitFor('some progress', () => runCounts(path).size >= 60);
   let restarted = false;
-  t.after(() => {
-    if (!restarted) startBroker();
+  // Teardown brings the broker back and waits for it, even when the test fails.
+  t.after(async () => {
+    if (!restarted) await startBroker();
   });
-  stopBroker();
+  await stopBroker();
   await waitFor(
     '/health to say the broker is gone',
     () => service.health().status === 'reconnecting',
     10_000,
   );
-  startBroker();
+  await startBroker();
   restarted = true;
   const back = performance.now();
   await waitFor('healthy again', () => service.health().status === 'ok', 30_000);
@@ -221,10 +223,11 @@ test('started while the broker is down, it stays up with /health 503 and connect
 }, async (t) => {
   const queue = freshName(t);
   let restarted = false;
-  t.after(() => {
-    if (!restarted) startBroker();
+  // Teardown brings the broker back and waits for it, even when the test fails.
+  t.after(async () => {
+    if (!restarted) await startBroker();
   });
-  stopBroker();
+  await stopBroker();
   const cli = spawnCli(t, cliArgs(queue));
   const port = await readyPort(cli);
   const down = await getJson(port, '/health');
@@ -232,7 +235,7 @@ test('started while the broker is down, it stays up with /health 503 and connect
   assert.equal(down.body.status, 'connecting');
   const ready = await fetch(`http://127.0.0.1:${port}/health/live`);
   assert.equal(ready.status, 200, 'alive all the same');
-  startBroker();
+  await startBroker();
   restarted = true;
   await waitFor('healthy', async () => (await getJson(port, '/health')).status === 200, 30_000);
   const b = await broker(t);
