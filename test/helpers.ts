@@ -26,6 +26,13 @@ export function freshName(t: { name: string }): string {
   return `test.${slug}.${randomUUID().slice(0, 8)}`;
 }
 
+/**
+ * The errors with which the broker refused a live test connection or channel (a channel
+ * error, or a connection closed with other than 320 CONNECTION_FORCED): every `waitFor` in
+ * flight rejects with the first, so that the test fails at once with the broker's reason.
+ */
+const brokerRefusals = new Set<Error>();
+
 /** Waits until `check` returns a truthy value, polling; fails with `what` after `timeoutMs`. */
 export async function waitFor<T>(
   what: string,
@@ -34,6 +41,8 @@ export async function waitFor<T>(
 ): Promise<NonNullable<T>> {
   const start = performance.now();
   for (;;) {
+    const [refusal] = brokerRefusals;
+    if (refusal !== undefined) throw refusal;
     const value = await check();
     if (value) return value as NonNullable<T>;
     if (performance.now() - start > timeoutMs)
@@ -60,13 +69,50 @@ export async function broker(t: TestContext): Promise<Broker> {
   const connection = await amqp.connect(AMQP_URL);
   const channel = await connection.createConfirmChannel();
   channel.on('error', () => {});
+  // The broker closing this connection or channel with an error fails the test at once, with
+  // its reason: every later call of the helpers below rejects with it, and so does one in
+  // flight. A refusal also fails every waitFor (see brokerRefusals); a forced close (320: a
+  // fault test's own doing, or the broker stopping) fails only this broker's helpers.
+  let closedBy: Error | undefined;
+  let failNow: (err: Error) => void = () => {};
+  const failed = new Promise<never>((_, reject) => {
+    failNow = reject;
+  });
+  failed.catch(() => {});
+  const onClose = (what: string, refusal: boolean) => (err?: Error) => {
+    if (err === undefined || closedBy !== undefined) return;
+    closedBy = new Error(`the broker closed the test's ${what}: ${err.message}`, { cause: err });
+    if (refusal) brokerRefusals.add(closedBy);
+    failNow(closedBy);
+  };
+  connection.on('error', onClose('connection', true));
+  connection.on('close', onClose('connection', false));
+  let connectionClosed = false;
+  connection.on('close', () => {
+    connectionClosed = true;
+  });
+  channel.on('error', onClose('channel', true));
+  // (An operation in flight may learn of the close first, as "Channel ended": the reason wins.)
+  const guard = <T>(op: () => Promise<T>): Promise<T> =>
+    closedBy !== undefined
+      ? Promise.reject(closedBy)
+      : Promise.race([
+          op().catch((err: unknown) => {
+            throw closedBy ?? err;
+          }),
+          failed,
+        ]);
   const toDelete = new Set<string>();
   t.after(async () => {
-    const ch = await connection.createChannel().catch(() => undefined);
+    if (closedBy !== undefined) brokerRefusals.delete(closedBy);
+    // A connection the broker closed cannot delete anything: a new one does.
+    const conn = connectionClosed ? await amqp.connect(AMQP_URL).catch(() => undefined) : connection;
+    const ch = await conn?.createChannel().catch(() => undefined);
     for (const q of toDelete) await ch?.deleteQueue(q).catch(() => {});
-    await connection.close().catch(() => {});
+    await conn?.close().catch(() => {});
   });
-  const drainQueue = async (queue: string) => {
+  const drainQueue = (queue: string) => guard(() => drainAll(queue));
+  const drainAll = async (queue: string) => {
     const messages: GetMessage[] = [];
     for (;;) {
       const m = await channel.get(queue, { noAck: true });
@@ -82,10 +128,13 @@ export async function broker(t: TestContext): Promise<Broker> {
       const content = Buffer.isBuffer(body)
         ? body
         : Buffer.from(typeof body === 'string' ? body : JSON.stringify(body));
-      await new Promise<void>((resolve, reject) =>
-        channel.sendToQueue(queue, content, { persistent: true, ...options }, (err) =>
-          err ? reject(err) : resolve(),
-        ),
+      await guard(
+        () =>
+          new Promise<void>((resolve, reject) =>
+            channel.sendToQueue(queue, content, { persistent: true, ...options }, (err) =>
+              err ? reject(err) : resolve(),
+            ),
+          ),
       );
     },
     async take(queue, n, timeoutMs) {
@@ -101,7 +150,7 @@ export async function broker(t: TestContext): Promise<Broker> {
       return taken;
     },
     async count(queue) {
-      const ok = await channel.checkQueue(queue);
+      const ok = await guard(() => channel.checkQueue(queue));
       return ok.messageCount;
     },
     cleanup(...queues) {
