@@ -28,24 +28,54 @@ export interface SerializedError {
   code?: string;
 }
 
+/** The longest message or stack kept: an error is a report, not a payload. */
+const MAX_TEXT = 4_000;
+
+/** Reads a property that may be a getter that throws, or anything but a string. */
+function textOf(read: () => unknown): string | undefined {
+  try {
+    const value = read();
+    if (value === undefined || value === null) return undefined;
+    const text = typeof value === 'string' ? value : describe(value);
+    return text.length > MAX_TEXT ? `${text.slice(0, MAX_TEXT)}…` : text;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A value as text, for anything a task may throw: cyclic, with a throwing toString, a symbol. */
+function describe(value: unknown): string {
+  try {
+    if (typeof value === 'string') return value;
+    const json = JSON.stringify(value);
+    if (json !== undefined) return json;
+  } catch {
+    // cyclic, a BigInt, a throwing toJSON: fall through
+  }
+  try {
+    return String(value);
+  } catch {
+    return Object.prototype.toString.call(value);
+  }
+}
+
+/**
+ * The plain, always-valid form of whatever a task threw: every field a string, never a
+ * throw of its own, whatever getters, cycles or types the thrown value has.
+ */
 export function serializeError(err: unknown): SerializedError {
   if (err instanceof Error) {
-    const code = (err as { code?: unknown }).code;
+    const code = textOf(() => (err as { code?: unknown }).code);
+    const stack = textOf(() => err.stack);
     return {
-      name: err.name,
-      message: err.message,
-      ...(err.stack === undefined ? {} : { stack: err.stack }),
-      ...(typeof code === 'string' ? { code } : {}),
+      name: textOf(() => err.name) ?? 'Error',
+      message: textOf(() => err.message) ?? '(an error without a message)',
+      ...(stack === undefined ? {} : { stack }),
+      ...(code === undefined ? {} : { code }),
     };
   }
-  // A task may throw anything: a string, a number, a plain object.
-  let message: string;
-  try {
-    message = typeof err === 'string' ? err : (JSON.stringify(err) ?? String(err));
-  } catch {
-    message = String(err);
-  }
-  return { name: 'NonError', message };
+  // A task may throw anything: a string, a number, a plain object, undefined.
+  return { name: 'NonError', message: textOf(() => describe(err)) ?? String(err) };
 }
 
 /** Exit codes of the CLI: 2 is "you asked for something that cannot run" (bad input). */

@@ -76,17 +76,24 @@ function deadLetterOptions(
     deliveryMode: _mode,
     ...kept
   } = message.properties;
+  // The key the producer used, kept across retries: a retry copy is routed by queue name.
+  const originalKey = headers?.['x-original-routing-key'];
   const options: Options.Publish = {
     persistent: true,
+    // An unroutable copy (its queue deleted) is returned, and then it is a failed publish:
+    // the original goes back instead of being acked with its copy nowhere.
+    mandatory: true,
     headers: {
       ...headers,
       'x-error-kind': kind,
       'x-error-message':
-        errorMessage.length > MAX_ERROR_MESSAGE
-          ? `${errorMessage.slice(0, MAX_ERROR_MESSAGE)}…`
-          : errorMessage,
+        typeof errorMessage !== 'string'
+          ? String(errorMessage)
+          : errorMessage.length > MAX_ERROR_MESSAGE
+            ? `${errorMessage.slice(0, MAX_ERROR_MESSAGE)}…`
+            : errorMessage,
       'x-attempts': attempt,
-      'x-original-routing-key': message.fields.routingKey,
+      'x-original-routing-key': typeof originalKey === 'string' ? originalKey : message.fields.routingKey,
     },
   };
   for (const [key, value] of Object.entries(kept)) {

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
-import { parseTaskMessage } from '../../src/task-message.ts';
+import { depthExceeds, MAX_DEPTH, parseTaskMessage } from '../../src/task-message.ts';
 
 const callable = new Set(['add', 'echo']);
 const parse = (body: unknown, max = 1024) =>
@@ -86,4 +86,55 @@ test('property: well-formed messages keep their func and args', () => {
       assert.deepEqual(result.call.args, JSON.parse(JSON.stringify(args)));
     }),
   );
+});
+
+test('a body that is not JSON is rejected with where, never with what it says', () => {
+  const secret = 'hunter2-token-of-a-customer';
+  const cases: [string, RegExp][] = [
+    [`${secret} not json`, /^body is not JSON: unexpected character at byte 0$/],
+    [`{"a":1,"${secret}"}`, /^body is not JSON: unexpected character at byte \d+$/],
+    [`{"func":"add","args":[1,2]}} ${secret}`, /^body is not JSON: unexpected character at byte 27$/],
+    [`{"k":"${secret}`, /^body is not JSON: it ends before the value does$/],
+    ['   ', /^body is not JSON: it is empty$/],
+  ];
+  for (const [body, reason] of cases) {
+    const parsed = parse(body);
+    assert.equal(parsed.ok, false);
+    if (parsed.ok) continue;
+    assert.match(parsed.reason, reason, body);
+    assert.ok(!parsed.reason.includes('hunter2'), `the reason quotes the body: ${parsed.reason}`);
+  }
+  // A multi-byte character before the culprit: the offset is in bytes, as the body is.
+  const accented = parse('{"é": 1 x}');
+  assert.equal(accented.ok || accented.reason, 'body is not JSON: unexpected character at byte 9');
+});
+
+test(`bodies nested deeper than ${MAX_DEPTH} levels are rejected, at any size under the limit`, () => {
+  const nest = (depth: number) => '['.repeat(depth) + ']'.repeat(depth);
+  // The issue's 12 KB body: 5,000 levels inside args; it used to stop the master.
+  const deep = parse(`{"func":"add","args":[${nest(5_000)},1]}`, 1024 * 1024);
+  assert.deepEqual(deep, {
+    ok: false,
+    reason: `body is nested deeper than ${MAX_DEPTH} levels`,
+    func: 'add',
+  });
+  // The object itself is level 1, args level 2: MAX_DEPTH levels in all are fine.
+  const atLimit = parse(`{"func":"add","args":[${nest(MAX_DEPTH - 2)}]}`, 1024 * 1024);
+  assert.equal(atLimit.ok, true);
+  const over = parse(`{"func":"add","args":[${nest(MAX_DEPTH - 1)}]}`, 1024 * 1024);
+  assert.equal(over.ok, false);
+  // Deep objects count like deep arrays; width does not count.
+  let obj = '1';
+  for (let i = 0; i < 100; i++) obj = `{"k":${obj}}`;
+  assert.equal(parse(`{"func":"add","kwargs":${obj}}`, 1024 * 1024).ok, false);
+  const wide = JSON.stringify({ func: 'add', args: Array.from({ length: 10_000 }, (_, i) => [i]) });
+  assert.equal(parse(wide, 1024 * 1024).ok, true);
+});
+
+test('depthExceeds walks without recursion, so no depth can overflow it', () => {
+  let value: unknown = 0;
+  for (let i = 0; i < 200_000; i++) value = [value];
+  assert.equal(depthExceeds(value, 64), true);
+  assert.equal(depthExceeds([[1], { a: [2] }], 3), false);
+  assert.equal(depthExceeds([[1], { a: [2] }], 2), true);
 });
