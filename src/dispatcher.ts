@@ -2,7 +2,11 @@
 // outcome plan — reply, dead-letter or retry copy confirmed by the broker, and only then
 // the ack. One bad message never stops or slows the others: each delivery is settled on
 // its own. Across a reconnect, a message that comes back while it still runs, or after
-// it finished but before its ack reached the broker, is not run a second time.
+// it finished but before its ack reached the broker, is not run a second time; what its
+// dead channel delivered and had not started is dropped (the broker has it again).
+//
+// Every delivery is settled exactly once: whatever a task throws and whatever fails in
+// settling it ends in an ack after a dead letter, or in a requeue.
 //
 // Speed: this is the master's per-task path. A task with nothing to publish (no reply_to,
 // succeeded) is settled synchronously when the pool's promise resolves: no async chain, no
@@ -10,6 +14,7 @@
 import type { Logger } from 'pino';
 import type { AmqpConsumer, Delivery } from './amqp-consumer.ts';
 import type { AmqpPublisher } from './amqp-publisher.ts';
+import { serializeError } from './errors.ts';
 import { type Metrics, UNKNOWN_FUNC } from './metrics.ts';
 import {
   attemptOf,
@@ -35,18 +40,39 @@ export interface DispatcherOptions {
   maxMessageBytes: number;
   /** The delay of retry k at index k-1; empty when retries are off. */
   retryDelaysMs: readonly number[];
-  /** How many finished-but-unacked message ids to remember (default 10,000). */
+  /** How many finished-but-unacked deliveries to remember (default 10,000). */
   recentIdsCapacity?: number;
+  /** How long to remember one (default 5 minutes; see dedupeKey). */
+  recentIdsTtlMs?: number;
+}
+
+/**
+ * What identifies one delivery of one message for the dedupe memory: the message id
+ * alone is not enough, since a retry copy keeps it (with a higher x-attempts), and a
+ * replayed dead letter or another producer's reuse would then be acked unrun. The body
+ * length is a cheap guard against a reused id; the memory also expires.
+ */
+export function dedupeKey(messageId: string, attempt: number, bodyLength: number): string {
+  return `${messageId}\u0000${attempt}\u0000${bodyLength}`;
 }
 
 /** A message being worked on; its delivery is replaced when the broker redelivers it meanwhile. */
 interface Work {
   delivery: Delivery;
   messageId: string | undefined;
-  /** True when this run is the one recorded under its message id (see #running). */
+  /** Its dedupe key (see dedupeKey), when it has a message id. */
+  key: string | undefined;
+  /** True when this run is the one recorded under its key (see #running). */
   tracked: boolean;
   func: string;
   attempt: number;
+  /** An ack or a requeue has been given for it: it must never get another. */
+  answered: boolean;
+}
+
+/** Whether giving the message back counts towards a quorum queue's delivery limit (basic.reject). */
+function countsAgainst(outcome: Outcome | undefined): boolean {
+  return outcome === 'failed' || outcome === 'timeout' || outcome === 'crashed';
 }
 
 export class Dispatcher {
@@ -62,7 +88,10 @@ export class Dispatcher {
   constructor(opts: DispatcherOptions) {
     this.#opts = opts;
     this.#log = opts.logger.child({ component: 'dispatcher' });
-    this.#finishedUnacked = new RecentIds(opts.recentIdsCapacity ?? 10_000);
+    this.#finishedUnacked = new RecentIds(
+      opts.recentIdsCapacity ?? 10_000,
+      opts.recentIdsTtlMs ?? 5 * 60_000,
+    );
   }
 
   /** Messages received and not yet settled. */
@@ -77,20 +106,23 @@ export class Dispatcher {
       return;
     }
     const { message } = delivery;
-    const messageId = message.properties.messageId as string | undefined;
-    if (messageId !== undefined && message.fields.redelivered && this.#settleDuplicate(delivery, messageId)) {
-      return;
-    }
-    const tracked = messageId !== undefined && !this.#running.has(messageId);
+    const rawId = message.properties.messageId;
+    const messageId = typeof rawId === 'string' ? rawId : undefined;
+    const attempt = attemptOf(message);
+    const key = messageId === undefined ? undefined : dedupeKey(messageId, attempt, message.content.length);
+    if (key !== undefined && message.fields.redelivered && this.#settleDuplicate(delivery, key)) return;
+    const tracked = key !== undefined && !this.#running.has(key);
     const parsed = parseTaskMessage(message.content, pool.funcs, this.#opts.maxMessageBytes);
     const work: Work = {
       delivery,
       messageId,
+      key,
       tracked,
       func: parsed.ok ? parsed.call.func : this.#labelOf(parsed.func),
-      attempt: attemptOf(message),
+      attempt,
+      answered: false,
     };
-    if (tracked) this.#running.set(messageId, work);
+    if (tracked) this.#running.set(key, work);
     this.#inFlight++;
     if (!parsed.ok) {
       this.#finish(work, { outcome: 'rejected', reason: parsed.reason });
@@ -107,6 +139,9 @@ export class Dispatcher {
         redelivered: message.fields.redelivered,
         attempt: work.attempt,
         wantResult: typeof replyTo === 'string' && replyTo !== '',
+        // Asked before it starts: the latest delivery of the message (a redelivery may
+        // have taken over) decides.
+        abandoned: () => !consumer.isLive(work.delivery),
       })
       .then((ending) => this.#finish(work, ending));
   }
@@ -130,19 +165,23 @@ export class Dispatcher {
   }
 
   /** True when this redelivery is taken care of without running it again. */
-  #settleDuplicate(delivery: Delivery, messageId: string): boolean {
+  #settleDuplicate(delivery: Delivery, key: string): boolean {
     const { consumer } = this.#opts;
-    const fields = { messageId, deliveryTag: delivery.message.fields.deliveryTag };
-    if (this.#finishedUnacked.has(messageId)) {
-      this.#finishedUnacked.delete(messageId);
-      consumer.ack(delivery);
-      this.#log.info(fields, 'redelivery of a message that already finished: acked, not run again');
-      return true;
-    }
-    const running = this.#running.get(messageId);
+    const fields = {
+      messageId: delivery.message.properties.messageId,
+      deliveryTag: delivery.message.fields.deliveryTag,
+    };
+    // The running set first: a run in progress is the truth, a memory only a record.
+    const running = this.#running.get(key);
     if (running !== undefined && !consumer.isLive(running.delivery)) {
       running.delivery = delivery;
       this.#log.info(fields, 'redelivery of a message still running: it will be settled when the run ends');
+      return true;
+    }
+    if (running === undefined && this.#finishedUnacked.has(key)) {
+      this.#finishedUnacked.delete(key);
+      consumer.ack(delivery);
+      this.#log.info(fields, 'redelivery of a message that already finished: acked, not run again');
       return true;
     }
     return false;
@@ -159,7 +198,8 @@ export class Dispatcher {
         retryQueue: retryDelayMs === undefined ? undefined : retryQueueName(this.#opts.queue, retryDelayMs),
       });
       if (plan.outcome === undefined) {
-        this.#opts.consumer.requeue(work.delivery);
+        // Given back unfinished (a drain, a shrinking window): not the message's fault.
+        this.#requeue(work, false);
         if (this.#log.isLevelEnabled('info')) {
           const reason = ending.outcome === 'returned' ? ending.reason : undefined;
           this.#log.info({ ...this.#fields(work), reason }, 'message given back to the queue');
@@ -174,10 +214,10 @@ export class Dispatcher {
       }
       this.#publishThenAck(work, plan, ending).then(
         () => this.#settled(work),
-        (err) => this.#failed(work, err),
+        (err) => this.#failed(work, ending, err),
       );
     } catch (err) {
-      this.#failed(work, err);
+      this.#failed(work, ending, err);
     }
   }
 
@@ -192,7 +232,8 @@ export class Dispatcher {
     if (plan.deadLetter !== undefined) {
       if (!copied) {
         // Not confirmed, so not acked: the message goes back rather than being lost.
-        this.#opts.consumer.requeue(work.delivery);
+        // Counted towards a quorum queue's delivery limit when the run was at fault.
+        this.#requeue(work, countsAgainst(plan.outcome));
         this.#log.error(
           this.#fields(work),
           'the dead-letter or retry copy was not confirmed; message given back to the queue',
@@ -208,8 +249,9 @@ export class Dispatcher {
   #ack(work: Work, plan: OutcomePlan, ending: Ending): void {
     const outcome = plan.outcome as Outcome;
     // The delivery may have been replaced by a redelivery that arrived meanwhile: settle that one.
-    if (!this.#opts.consumer.ack(work.delivery) && work.messageId !== undefined)
-      this.#finishedUnacked.add(work.messageId);
+    work.answered = true;
+    if (!this.#opts.consumer.ack(work.delivery) && work.key !== undefined)
+      this.#finishedUnacked.add(work.key);
     const durationMs = 'durationMs' in ending ? ending.durationMs : 0;
     this.#opts.metrics.tasks.record(work.func, outcome, durationMs / 1000);
     if (outcome === 'succeeded') {
@@ -241,14 +283,36 @@ export class Dispatcher {
     };
   }
 
-  #failed(work: Work, err: unknown): void {
-    this.#log.error({ err, ...this.#fields(work) }, 'handling a delivery failed');
+  /**
+   * Settling failed (a bug of ours, or a value nothing expected): the delivery must still
+   * end, in a requeue, counted towards a quorum queue's delivery limit so that a message
+   * that always fails here ends in the broker's dead-letter queue rather than loop.
+   */
+  #failed(work: Work, ending: Ending, err: unknown): void {
+    try {
+      this.#log.error(
+        { err: serializeError(err), ...this.#fields(work) },
+        'settling a delivery failed; giving it back',
+      );
+      // Never a second answer for one delivery: the broker closes the channel on that.
+      if (!work.answered) this.#requeue(work, ending.outcome !== 'returned');
+    } catch (again) {
+      this.#log.error(
+        { err: serializeError(again) },
+        'giving a delivery back failed; the broker redelivers it when its channel ends',
+      );
+    }
     this.#settled(work);
+  }
+
+  #requeue(work: Work, counted: boolean): void {
+    work.answered = true;
+    this.#opts.consumer.requeue(work.delivery, counted);
   }
 
   /** Done with this delivery, however it ended. */
   #settled(work: Work): void {
-    if (work.tracked && work.messageId !== undefined) this.#running.delete(work.messageId);
+    if (work.tracked && work.key !== undefined) this.#running.delete(work.key);
     this.#inFlight--;
     if (this.#inFlight === 0 && this.#drained !== undefined) {
       const drained = this.#drained;
@@ -268,7 +332,7 @@ export class Dispatcher {
       );
       return true;
     } catch (err) {
-      this.#log.error({ err }, 'publish failed');
+      this.#log.error({ err: serializeError(err) }, 'publish failed');
       return false;
     }
   }
