@@ -12,11 +12,12 @@
 // session is connection + channel + topology + consume; anything that ends it starts
 // the next one with jittered backoff, and each delivery carries its own channel.
 import { EventEmitter } from 'node:events';
-import amqp, { type Channel, type ChannelModel, type ConsumeMessage } from 'amqplib';
+import type { Channel, ConsumeMessage } from 'amqplib';
 import type { Logger } from 'pino';
 import { AckBatch } from './ack-batch.ts';
-import { socketOptions, withHeartbeat } from './amqp-url.ts';
+import { AddressList, type BrokerConnection, openConnection } from './amqp-connection.ts';
 import { backoffDelay } from './backoff.ts';
+import { redactUrl } from './config.ts';
 import { ServiceError } from './errors.ts';
 import { declareTopology, type Topology } from './topology.ts';
 
@@ -39,11 +40,16 @@ export interface Delivery {
 export type ConsumerState = 'connecting' | 'consuming' | 'reconnecting' | 'cancelled' | 'closed';
 
 export interface ConsumerOptions {
-  url: string;
+  /** The broker addresses; each reconnect moves on to the next. */
+  urls: readonly string[];
+  /** The deadline of each step of getting a session up (see amqp-connection.ts). */
+  connectTimeoutMs: number;
   topology: Topology;
   prefetch: number;
   logger: Logger;
   onDelivery: (delivery: Delivery) => void;
+  /** A channel that delivered has closed: its unsettled deliveries are the broker's again. */
+  onChannelLost?: () => void;
   reconnect?: { initialMs: number; maxMs: number };
 }
 
@@ -55,16 +61,15 @@ type ConsumerEvents = {
 
 export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   readonly #opts: ConsumerOptions;
-  readonly #url: string;
+  readonly #addresses: AddressList;
   readonly #log: Logger;
   #state: ConsumerState = 'connecting';
-  #connection: ChannelModel | undefined;
+  #connection: BrokerConnection | undefined;
   #channel: Channel | undefined;
   #consumerTag: string | undefined;
   #stopping = false;
   #wake: (() => void) | undefined;
   #loop: Promise<void> | undefined;
-  #blocked = false;
   #prefetch: number;
   /** The acks of the live channel; a new channel starts a new batch. */
   #acks = new AckBatch();
@@ -76,13 +81,15 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   #swapping: Promise<void> = Promise.resolve();
   /** Acks waiting that make a flush worth it at once. */
   #flushAt: number;
+  /** The address that could not be reached, for the log. */
+  #connecting: string | undefined;
 
   constructor(opts: ConsumerOptions) {
     super();
     this.#opts = opts;
     this.#prefetch = opts.prefetch;
     this.#flushAt = flushAtFor(opts.prefetch);
-    this.#url = withHeartbeat(opts.url);
+    this.#addresses = new AddressList(opts.urls);
     this.#log = opts.logger.child({ component: 'consumer' });
   }
 
@@ -116,8 +123,10 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     try {
       await channel.prefetch(count);
       if (this.#channel !== channel || this.#stopping) return;
-      this.#consumerTag = await this.#consume(channel, connection, this.#acks);
-      await channel.cancel(oldTag);
+      this.#consumerTag = await connection.step('starting a consumer', () =>
+        this.#consume(channel, connection, this.#acks),
+      );
+      await connection.step('cancelling the old consumer', () => channel.cancel(oldTag));
     } catch (err) {
       // The channel is going: the next session applies the new prefetch.
       this.#log.warn({ err }, 'changing the prefetch failed');
@@ -125,12 +134,17 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   }
 
   get connected(): boolean {
-    return this.#connection !== undefined;
+    return this.#connection !== undefined && !this.#connection.isClosed;
+  }
+
+  /** The broker node of the live connection (no password), for /health and logs. */
+  get broker(): string | undefined {
+    return this.#connection?.address;
   }
 
   /** True while the broker has blocked this connection (a resource alarm). */
   get blocked(): boolean {
-    return this.#blocked;
+    return this.#connection?.blocked ?? false;
   }
 
   /** Starts connecting in the background; progress shows in `state`, failures that retry will not help in 'fatal'. */
@@ -153,11 +167,18 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     return true;
   }
 
-  /** Gives the message back to the queue (shutdown, a task not started). */
-  requeue(delivery: Delivery): boolean {
+  /**
+   * Gives the message back to the queue. Not counted (a drain, a shrinking window, a
+   * task not started) is `basic.nack`; counted (the message's own fault: a crash, a
+   * timeout or a settlement that failed, when it could not be dead-lettered) is
+   * `basic.reject`, which from RabbitMQ 4.3 is the only one a quorum queue's delivery
+   * limit counts (before 4.3 both count).
+   */
+  requeue(delivery: Delivery, counted = false): boolean {
     if (!this.#isLive(delivery)) return false;
     this.#acks.settled(delivery.message.fields.deliveryTag);
-    delivery.channel.nack(delivery.message, false, true);
+    if (counted) delivery.channel.reject(delivery.message, true);
+    else delivery.channel.nack(delivery.message, false, true);
     return true;
   }
 
@@ -214,19 +235,15 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#wake?.();
     await this.#swapping;
     const channel = this.#channel;
+    const connection = this.#connection;
     const tag = this.#consumerTag;
     this.#consumerTag = undefined;
-    if (channel !== undefined && tag !== undefined) {
-      // Bounded: on a half-dead connection the cancel-ok may never come; then the broker
-      // requeues on its own when the connection goes.
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([
-        channel.cancel(tag).catch((err) => this.#log.warn({ err }, 'cancelling the consumer failed')),
-        new Promise((resolve) => {
-          timer = setTimeout(resolve, 5_000);
-        }),
-      ]);
-      clearTimeout(timer);
+    if (channel !== undefined && connection !== undefined && tag !== undefined) {
+      // Bounded: on a half-dead connection the cancel-ok may never come; then the
+      // connection is destroyed and the broker requeues on its own.
+      await connection
+        .step('cancelling the consumer', () => channel.cancel(tag))
+        .catch((err) => this.#log.warn({ err }, 'cancelling the consumer failed'));
     }
     this.#setState('cancelled');
   }
@@ -243,8 +260,10 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     // The channel first: amqplib muxes each channel's frames separately, so a connection
     // close can overtake acks still queued on the channel, and the broker would requeue
     // messages we finished. Closing the channel sends its close after its own acks.
-    if (channel !== undefined) await channel.close().catch(() => {});
-    if (connection !== undefined) await connection.close().catch(() => {});
+    if (channel !== undefined && connection !== undefined)
+      await connection.step('closing the channel', () => channel.close()).catch(() => {});
+    await connection?.close();
+    // A session still connecting ends at its own deadline; the loop sees #stopping.
     await this.#loop;
     this.#setState('closed');
   }
@@ -261,6 +280,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     while (!this.#stopping) {
       try {
         const { ended } = await this.#session();
+        if (this.#stopping) break;
         if (everConsumed) this.emit('reconnected');
         everConsumed = true;
         attempt = 0;
@@ -274,77 +294,102 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
         }
         if (this.#stopping) break;
         this.#log.warn(
-          { err: { message: (err as Error).message, code: (err as { code?: unknown }).code } },
+          {
+            err: { message: (err as Error).message, code: (err as { code?: unknown }).code },
+            broker: this.#connecting,
+          },
           'cannot reach the broker',
         );
-        await this.#dropConnection();
+        this.#dropConnection();
       }
       this.#setState(everConsumed ? 'reconnecting' : 'connecting');
       attempt++;
-      await this.#sleep(backoffDelay(attempt, this.#opts.reconnect ?? { initialMs: 200, maxMs: 15_000 }));
+      // With several brokers the next one is tried at once; the backoff grows per round.
+      const round = Math.ceil(attempt / this.#addresses.size);
+      const delay =
+        attempt % this.#addresses.size !== 0 && this.#addresses.size > 1
+          ? 0
+          : backoffDelay(round, this.#opts.reconnect ?? { initialMs: 200, maxMs: 15_000 });
+      await this.#sleep(delay);
     }
   }
 
-  /** Connects, declares and consumes; resolves with a promise of the reason it ends. */
+  /**
+   * Connects, declares and consumes, each step under the connect deadline; resolves with
+   * a promise of the reason it ends.
+   */
   async #session(): Promise<{ ended: Promise<string> }> {
-    const connection = await amqp.connect(this.#url, socketOptions('consume'));
+    const url = this.#addresses.next();
+    const connection = await openConnection(url, {
+      purpose: 'consume',
+      connectTimeoutMs: this.#opts.connectTimeoutMs,
+      logger: this.#log,
+    }).catch((err) => {
+      this.#connecting = redactUrl(url);
+      throw err;
+    });
     this.#connection = connection;
-    let endSession: (reason: string) => void = () => {};
     const ended = new Promise<string>((resolve) => {
-      endSession = resolve;
+      connection.once('closed', (reason) => {
+        this.#lose(connection, undefined);
+        resolve(reason);
+      });
     });
-    connection.on('error', (err) => this.#log.warn({ err: { message: err.message } }, 'connection error'));
-    connection.on('close', () => {
-      if (this.#connection === connection) {
-        this.#connection = undefined;
-        this.#channel = undefined;
-      }
-      this.#blocked = false;
-      endSession('connection closed');
-    });
-    connection.on('blocked', (reason) => {
-      this.#blocked = true;
-      this.#log.warn({ reason }, 'the broker blocked the consuming connection (resource alarm)');
-    });
-    connection.on('unblocked', () => {
-      this.#blocked = false;
-    });
+    if (this.#stopping) {
+      await connection.close();
+      return { ended };
+    }
 
-    const channel = await connection.createChannel();
+    const channel = await connection.step('opening a channel', () => connection.model.createChannel());
     channel.on('error', (err) =>
       this.#log.warn({ err: { message: err.message } }, 'channel closed by an error'),
     );
     channel.on('close', () => {
-      if (this.#channel === channel) this.#channel = undefined;
+      this.#lose(connection, channel);
       // The connection may live on, but one clean path back is simplest: start over.
-      connection.close().catch(() => {});
-      endSession('channel closed');
+      void connection.close();
     });
-    await declareTopology(channel, this.#opts.topology);
-    await channel.prefetch(this.#prefetch);
+    await connection.step('declaring the topology', () => declareTopology(channel, this.#opts.topology));
+    await connection.step('setting the prefetch', () => channel.prefetch(this.#prefetch));
     if (this.#stopping) {
-      await connection.close().catch(() => {});
+      await connection.close();
       return { ended };
     }
     this.#channel = channel;
     this.#acks = new AckBatch();
     const acks = this.#acks;
-    const consumerTag = await this.#consume(channel, connection, acks);
-    this.#consumerTag = consumerTag;
+    this.#consumerTag = await connection.step('starting the consumer', () =>
+      this.#consume(channel, connection, acks),
+    );
     this.#setState('consuming');
-    this.#log.info({ queue: this.#opts.topology.queue, prefetch: this.#prefetch }, 'consuming');
+    this.#log.info(
+      { queue: this.#opts.topology.queue, prefetch: this.#prefetch, broker: connection.address },
+      'consuming',
+    );
     return { ended };
   }
 
+  /**
+   * The channel (or the whole connection) has gone: forget it, and tell the owner, whose
+   * deliveries from it that have not started are now the broker's again.
+   */
+  #lose(connection: BrokerConnection, channel: Channel | undefined): void {
+    const hadChannel = this.#channel !== undefined && (channel === undefined || this.#channel === channel);
+    if (hadChannel) this.#channel = undefined;
+    if (channel === undefined && this.#connection === connection) this.#connection = undefined;
+    if (hadChannel) this.#opts.onChannelLost?.();
+  }
+
   /** Starts a consumer on the queue; its deliveries carry `channel`, the one that may settle them. */
-  async #consume(channel: Channel, connection: ChannelModel, acks: AckBatch): Promise<string> {
+  async #consume(channel: Channel, connection: BrokerConnection, acks: AckBatch): Promise<string> {
     const { consumerTag } = await channel.consume(
       this.#opts.topology.queue,
       (message) => {
         if (message === null) {
-          // The broker cancelled us (the queue was deleted, a node went away): set up again.
+          // The broker cancelled us (the queue was deleted, a node went away, or from
+          // RabbitMQ 4.3 a consumer_timeout on a quorum queue): set up again.
           this.#log.warn('the broker cancelled the consumer; setting up again');
-          connection.close().catch(() => {});
+          void connection.close();
           return;
         }
         acks.delivered(message.fields.deliveryTag);
@@ -355,11 +400,11 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     return consumerTag;
   }
 
-  async #dropConnection(): Promise<void> {
+  #dropConnection(): void {
     const connection = this.#connection;
     this.#connection = undefined;
     this.#channel = undefined;
-    if (connection !== undefined) await connection.close().catch(() => {});
+    connection?.destroy('giving up on this attempt');
   }
 
   #sleep(ms: number): Promise<void> {

@@ -19,6 +19,7 @@ export interface Config {
   httpHost: string;
   httpPort: number;
   shutdownTimeout: number; // seconds
+  connectTimeout: number; // seconds: each step of getting a broker session up
   shutdownToken: string | undefined;
   maxMessageBytes: number;
   logLevel: string;
@@ -106,7 +107,7 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'AMQP_URL',
     kind: 'amqp-url',
     arg: 'URL',
-    help: `broker URL, amqp:// or amqps:// (default ${redactUrl(DEFAULT_AMQP_URL)})`,
+    help: `broker URL, amqp:// or amqps://; a comma-separated list for a cluster, tried in a shuffled order (default ${redactUrl(DEFAULT_AMQP_URL)})`,
   },
   {
     key: 'exchange',
@@ -163,6 +164,14 @@ const OPTIONS: readonly OptionSpec[] = [
     kind: 'seconds',
     arg: 'SECONDS',
     help: 'how long running tasks may finish during a drain (default 30)',
+  },
+  {
+    key: 'connectTimeout',
+    flag: '--connect-timeout',
+    env: 'CONNECT_TIMEOUT',
+    kind: 'seconds',
+    arg: 'SECONDS',
+    help: 'deadline of each step of reaching the broker (TCP connect, AMQP handshake, channel, declarations, consume); past it the attempt is dropped and retried (default 10)',
   },
   {
     key: 'maxMessageBytes',
@@ -257,6 +266,7 @@ const DEFAULTS: Omit<Config, 'prefetch' | 'prefetchAuto' | 'shutdownToken'> = {
   httpHost: '0.0.0.0',
   httpPort: 8080,
   shutdownTimeout: 30,
+  connectTimeout: 10,
   maxMessageBytes: 1024 * 1024,
   logLevel: 'info',
   maxRetries: 0,
@@ -318,15 +328,18 @@ function convert(spec: OptionSpec, name: string, raw: string): string | number {
       return n;
     }
     case 'amqp-url': {
-      let url: URL;
-      try {
-        url = new URL(raw);
-      } catch {
-        fail(name, `is not a URL (got ${JSON.stringify(redactUrl(raw))})`);
+      for (const one of splitUrls(raw)) {
+        let url: URL;
+        try {
+          url = new URL(one);
+        } catch {
+          fail(name, `is not a URL (got ${JSON.stringify(redactUrl(one))})`);
+        }
+        if (url.protocol !== 'amqp:' && url.protocol !== 'amqps:')
+          fail(name, `must be an amqp:// or amqps:// URL (got ${url.protocol}//...)`);
+        if (url.hostname === '') fail(name, 'has no host');
       }
-      if (url.protocol !== 'amqp:' && url.protocol !== 'amqps:')
-        fail(name, `must be an amqp:// or amqps:// URL (got ${url.protocol}//...)`);
-      if (url.hostname === '') fail(name, 'has no host');
+      if (splitUrls(raw).length === 0) fail(name, 'must not be empty');
       return raw;
     }
     case 'level': {
@@ -407,8 +420,17 @@ export function helpText(): string {
   return lines.join('\n');
 }
 
-/** The URL with its password replaced, for logs, errors and /health. */
+/** The broker URLs of a --amqp-url value: one, or a comma-separated list (a cluster). */
+export function splitUrls(raw: string): string[] {
+  return raw
+    .split(',')
+    .map((u) => u.trim())
+    .filter((u) => u !== '');
+}
+
+/** The URL(s) with passwords replaced, for logs, errors and /health. */
 export function redactUrl(raw: string): string {
+  if (raw.includes(',')) return splitUrls(raw).map(redactUrl).join(',');
   try {
     const url = new URL(raw);
     if (url.password !== '') url.password = '***';

@@ -15,8 +15,10 @@ import type { Registry } from 'prom-client';
 export interface HealthReport {
   status: 'ok' | 'connecting' | 'reconnecting' | 'draining' | 'workers down' | 'stopped';
   reason?: string;
-  amqp: { connected: boolean; blocked: boolean };
+  /** `broker`: the node the consuming connection is on, without its password. */
+  amqp: { connected: boolean; blocked: boolean; broker?: string };
   workers: { desired: number; up: number; busy: number };
+  /** Messages received and not yet settled (busy workers are in `workers.busy`). */
   tasksInFlight: number;
 }
 

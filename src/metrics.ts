@@ -14,6 +14,8 @@ export type Metrics = ReturnType<typeof createMetrics>;
 /** Live state that gauges read when scraped, so that no gauge can drift from the truth. */
 export interface MetricSources {
   workers: () => { idle: number; busy: number };
+  /** Messages received and not yet settled. */
+  inFlight: () => number;
   connected: () => boolean;
 }
 
@@ -30,10 +32,10 @@ export function createMetrics(
     tasks: new TaskMetrics(registry, METRIC_PREFIX),
     tasksInFlight: new Gauge({
       name: `${METRIC_PREFIX}tasks_in_flight`,
-      help: 'Tasks running in a worker right now.',
+      help: 'Messages received and not yet settled (waiting, running, or being dead-lettered).',
       registers,
       collect() {
-        if (sources) this.set(sources.workers().busy);
+        if (sources) this.set(sources.inFlight());
       },
     }),
     workers: new Gauge({

@@ -7,7 +7,7 @@ import { Registry } from 'prom-client';
 import { AmqpConsumer } from './amqp-consumer.ts';
 import { AmqpPublisher } from './amqp-publisher.ts';
 import { AutoPrefetch } from './auto-prefetch.ts';
-import { type Config, MAX_PREFETCH, redactUrl } from './config.ts';
+import { type Config, MAX_PREFETCH, redactUrl, splitUrls } from './config.ts';
 import { Dispatcher } from './dispatcher.ts';
 import { ServiceError } from './errors.ts';
 import { buildServer, type HealthReport, type StatusReport } from './http.ts';
@@ -66,7 +66,8 @@ export class Service {
       maxWorkerMemoryBytes: config.maxWorkerMemory * 1024 * 1024,
       logger,
     });
-    this.publisher = new AmqpPublisher({ url: config.amqpUrl, logger });
+    const urls = splitUrls(config.amqpUrl);
+    const connectTimeoutMs = config.connectTimeout * 1000;
     const topology: Topology = {
       exchange: config.exchange,
       queue: config.queue,
@@ -75,16 +76,22 @@ export class Service {
       deliveryLimit: config.deliveryLimit,
       retryDelaysMs: retryDelays(config.maxRetries, config.retryDelay * 1000, config.retryDelayMax * 1000),
     };
+    this.publisher = new AmqpPublisher({ urls, connectTimeoutMs, topology, logger });
     this.consumer = new AmqpConsumer({
-      url: config.amqpUrl,
+      urls,
+      connectTimeoutMs,
       topology,
       prefetch: config.prefetch,
       logger,
       onDelivery: (delivery) => this.dispatcher.handle(delivery),
+      // What that channel delivered and has not started is the broker's again: drop it
+      // here, or it would run now and again when redelivered.
+      onChannelLost: () => this.pool.dropAbandoned(),
     });
     this.metrics = createMetrics(opts.registry ?? new Registry(), {
       sources: {
         workers: () => this.pool.stats(),
+        inFlight: () => this.dispatcher.inFlight,
         connected: () => this.consumer.connected,
       },
     });
@@ -184,14 +191,23 @@ export class Service {
     return typeof address === 'object' && address !== null ? address.port : this.config.httpPort;
   }
 
+  /**
+   * Readiness (SPEC §4): ok while connected, consuming and able to run work. A worker
+   * being replaced (a timeout, a recycle, a reload) is normal operation, not a reason:
+   * only no worker up at all, or replacements that keep failing to start.
+   */
   health(): HealthReport {
     const stats = this.pool.stats();
     const up = stats.idle + stats.busy;
     const report: HealthReport = {
       status: 'ok',
-      amqp: { connected: this.consumer.connected, blocked: this.consumer.blocked || this.publisher.blocked },
+      amqp: {
+        connected: this.consumer.connected,
+        blocked: this.consumer.blocked || this.publisher.blocked,
+        ...(this.consumer.broker === undefined ? {} : { broker: this.consumer.broker }),
+      },
       workers: { desired: stats.desired, up, busy: stats.busy },
-      tasksInFlight: stats.busy,
+      tasksInFlight: this.dispatcher.inFlight,
     };
     if (this.#draining !== undefined)
       return { ...report, status: 'draining', reason: 'the service is shutting down' };
@@ -200,9 +216,15 @@ export class Service {
       return { ...report, status: 'connecting', reason: 'connecting to the broker' };
     if (state !== 'consuming')
       return { ...report, status: 'reconnecting', reason: 'the broker connection was lost' };
-    if (up < stats.desired) {
-      return { ...report, status: 'workers down', reason: `${up} of ${stats.desired} workers are up` };
+    if (stats.bootFailures > 0) {
+      return {
+        ...report,
+        status: 'workers down',
+        reason: `workers failing to start (${stats.bootFailures} in a row); ${up} of ${stats.desired} up`,
+      };
     }
+    if (up === 0)
+      return { ...report, status: 'workers down', reason: `no worker up (0 of ${stats.desired})` };
     return report;
   }
 

@@ -12,7 +12,8 @@ for (const queueType of ['classic', 'quorum'] as const) {
     b.cleanup(queue, `${queue}.dead`);
     const held: Delivery[] = [];
     const consumer = new AmqpConsumer({
-      url: AMQP_URL,
+      urls: [AMQP_URL],
+      connectTimeoutMs: 10_000,
       topology: {
         exchange: `${queue}.x`,
         queue,

@@ -45,7 +45,7 @@ test('/metrics: Prometheus text with every metric of the service', async (t) => 
   const registry = new Registry();
   const metrics = createMetrics(registry, {
     defaultMetrics: false,
-    sources: { workers: () => ({ idle: 1, busy: 1 }), connected: () => true },
+    sources: { workers: () => ({ idle: 1, busy: 1 }), inFlight: () => 7, connected: () => true },
   });
   metrics.tasks.record('add', 'succeeded', 0.01);
   metrics.workerRestarts.inc({ reason: 'crash' });
@@ -59,7 +59,8 @@ test('/metrics: Prometheus text with every metric of the service', async (t) => 
   for (const name of SERVICE_METRIC_NAMES) assert.match(res.body, new RegExp(`^# TYPE ${name} `, 'm'));
   assert.match(res.body, /^amqp_concurrency_workers\{state="busy"\} 1$/m);
   assert.match(res.body, /^amqp_concurrency_amqp_connected 1$/m);
-  assert.match(res.body, /^amqp_concurrency_tasks_in_flight 1$/m);
+  // Messages received and not settled, not busy workers.
+  assert.match(res.body, /^amqp_concurrency_tasks_in_flight 7$/m);
 });
 
 test('POST /shutdown: 403 with no token configured, 401 without or with a wrong one, 202 once right', async (t) => {

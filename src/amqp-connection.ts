@@ -1,0 +1,185 @@
+// One broker connection's lifecycle, shared by the consuming and the publishing side:
+// connect with a deadline on every step, know when the broker blocks it (a resource
+// alarm), and forget it once it closes. After rabbitmq-client's Connection and the Java
+// client's connectionTimeout/handshakeTimeout: a socket that connects but never speaks
+// (a partition, a dead load balancer, a stuck NAT) is destroyed at the deadline, never
+// waited on. amqplib has no handshake deadline of its own: its `timeout` socket option
+// is an idle timeout (it fires while the peer says nothing, which covers a silent
+// handshake), and a race with our own timer covers a peer that trickles.
+import { EventEmitter } from 'node:events';
+import amqp, { type ChannelModel } from 'amqplib';
+import type { Logger } from 'pino';
+import { socketOptions, withHeartbeat } from './amqp-url.ts';
+import { redactUrl } from './config.ts';
+
+export class DeadlineError extends Error {
+  readonly code = 'ETIMEDOUT';
+  constructor(what: string, ms: number) {
+    super(`${what} took longer than the connect timeout of ${ms / 1000} s`);
+    this.name = 'DeadlineError';
+  }
+}
+
+/**
+ * The broker addresses, in a shuffled order, each attempt moving on to the next: losing
+ * the node we were connected to costs one reconnect, not a wait for that node. A fleet
+ * of instances spreads over the nodes instead of all picking the first.
+ */
+export class AddressList {
+  readonly #urls: string[];
+  #next = 0;
+
+  constructor(urls: readonly string[], random: () => number = Math.random) {
+    if (urls.length === 0) throw new RangeError('at least one broker URL is needed');
+    this.#urls = [...urls];
+    for (let i = this.#urls.length - 1; i > 0; i--) {
+      const j = Math.floor(random() * (i + 1));
+      [this.#urls[i], this.#urls[j]] = [this.#urls[j] as string, this.#urls[i] as string];
+    }
+  }
+
+  get size(): number {
+    return this.#urls.length;
+  }
+
+  /** The address to try now; the next call gives the one after it. */
+  next(): string {
+    const url = this.#urls[this.#next % this.#urls.length] as string;
+    this.#next = (this.#next + 1) % this.#urls.length;
+    return url;
+  }
+}
+
+export interface ConnectOptions {
+  purpose: 'consume' | 'publish';
+  /** The deadline of each step: TCP connect plus AMQP handshake, then each step() after it. */
+  connectTimeoutMs: number;
+  logger: Logger;
+}
+
+type ConnectionEvents = {
+  /** The connection has gone, for whatever reason; emitted once. */
+  closed: [reason: string];
+  blocked: [reason: string];
+  unblocked: [];
+};
+
+/** An open connection, its deadlines, whether it is blocked, and its end. */
+export class BrokerConnection extends EventEmitter<ConnectionEvents> {
+  readonly model: ChannelModel;
+  /** The broker address, without its password: for logs and /health. */
+  readonly address: string;
+  readonly #timeoutMs: number;
+  readonly #log: Logger;
+  #blocked = false;
+  #closed = false;
+
+  constructor(model: ChannelModel, address: string, opts: ConnectOptions) {
+    super();
+    this.model = model;
+    this.address = address;
+    this.#timeoutMs = opts.connectTimeoutMs;
+    this.#log = opts.logger;
+    model.on('error', (err: Error) =>
+      this.#log.warn({ err: { message: err.message }, broker: address }, 'connection error'),
+    );
+    model.on('close', () => this.#end('connection closed'));
+    model.on('blocked', (reason: string) => {
+      this.#blocked = true;
+      this.#log.warn({ reason, purpose: opts.purpose }, 'the broker blocked the connection (resource alarm)');
+      this.emit('blocked', reason);
+    });
+    model.on('unblocked', () => {
+      this.#blocked = false;
+      this.#log.info({ purpose: opts.purpose }, 'the broker unblocked the connection');
+      this.emit('unblocked');
+    });
+  }
+
+  /** True while the broker has blocked this connection (a memory or disk alarm). */
+  get blocked(): boolean {
+    return this.#blocked;
+  }
+
+  get isClosed(): boolean {
+    return this.#closed;
+  }
+
+  /**
+   * Runs one step of getting the session up (channel open, declarations, consume) with
+   * the connect deadline; past it the whole connection is destroyed, socket and all.
+   */
+  async step<T>(what: string, run: () => Promise<T>): Promise<T> {
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        const err = new DeadlineError(what, this.#timeoutMs);
+        this.destroy(err.message);
+        reject(err);
+      }, this.#timeoutMs);
+    });
+    try {
+      return await Promise.race([run(), deadline]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** Ends the connection at once, without the closing handshake: for a peer that does not answer. */
+  destroy(reason: string): void {
+    if (this.#closed) return;
+    const stream = (
+      this.model.connection as unknown as { stream?: NodeJS.ReadWriteStream & { destroy(err?: Error): void } }
+    ).stream;
+    // With an error, so that amqplib sees the socket go (it listens for 'error' and 'end').
+    stream?.destroy(new Error(reason));
+    this.#end(reason);
+  }
+
+  /** The closing handshake, bounded by the deadline; past it the socket is destroyed. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    await this.step('closing the connection', () => this.model.close()).catch(() =>
+      this.destroy('close timed out'),
+    );
+    this.#end('closed by us');
+  }
+
+  #end(reason: string): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#blocked = false;
+    this.emit('closed', reason);
+  }
+}
+
+/** Opens a connection to `url` (TCP connect and AMQP handshake) within the connect deadline. */
+export async function openConnection(url: string, opts: ConnectOptions): Promise<BrokerConnection> {
+  const address = redactUrl(url);
+  const connecting = amqp.connect(withHeartbeat(url), {
+    ...socketOptions(opts.purpose),
+    // amqplib's idle timeout while connecting: a peer that says nothing is destroyed.
+    timeout: opts.connectTimeoutMs,
+  });
+  let timer: NodeJS.Timeout | undefined;
+  let late = false;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      late = true;
+      reject(new DeadlineError(`connecting to ${address}`, opts.connectTimeoutMs));
+    }, opts.connectTimeoutMs);
+  });
+  // A handshake that completes after we gave up must not leave a connection behind.
+  connecting.then(
+    (model) => {
+      if (late) model.close().catch(() => {});
+    },
+    () => {},
+  );
+  try {
+    const model = await Promise.race([connecting, deadline]);
+    return new BrokerConnection(model, address, opts);
+  } finally {
+    clearTimeout(timer);
+  }
+}
