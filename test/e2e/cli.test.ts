@@ -98,11 +98,13 @@ test('a task module that cannot load stops start-up with exit 2 and its error', 
   assert.match(cli.stderr(), /at .*broken-tasks\.ts/, 'the module error shows where');
 });
 
-test('a queue declared otherwise (the old non-durable one) ends start-up with exit 2 and a hint', async (t) => {
+test('a queue declared otherwise ends start-up with exit 2 and a hint', async (t) => {
   const b = await broker(t);
   const queue = freshName(t);
   b.cleanup(queue, `${queue}.dead`);
-  await b.channel.assertQueue(queue, { durable: false });
+  // Not the old non-durable queue: RabbitMQ 4 deprecates transient non-exclusive queues (and
+  // will refuse them). A durable one with an argument the service does not declare clashes too.
+  await b.channel.assertQueue(queue, { durable: true, arguments: { 'x-max-length': 1000 } });
   t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
   const cli = spawnCli(t, cliArgs(queue));
   const { code } = await cli.exit;

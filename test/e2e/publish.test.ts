@@ -61,8 +61,9 @@ async function closedPort(): Promise<number> {
 async function quietQueue(t: TestContext, b: Broker) {
   const queue = freshName(t);
   const exchange = `${queue}.x`;
-  await b.channel.assertExchange(exchange, 'direct', { durable: false });
-  await b.channel.assertQueue(queue, { durable: false });
+  // Durable: RabbitMQ 4 deprecates transient non-exclusive queues (and will refuse them).
+  await b.channel.assertExchange(exchange, 'direct', { durable: true });
+  await b.channel.assertQueue(queue, { durable: true });
   await b.channel.bindQueue(queue, exchange, 'rk');
   b.cleanup(queue);
   t.after(() => b.channel.deleteExchange(exchange).catch(() => {}));

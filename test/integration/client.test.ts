@@ -14,8 +14,9 @@ type TestContext = Parameters<typeof broker>[0];
 async function quietQueue(t: TestContext, b: Broker): Promise<{ exchange: string; queue: string }> {
   const queue = freshName(t);
   const exchange = `${queue}.x`;
-  await b.channel.assertExchange(exchange, 'direct', { durable: false, autoDelete: false });
-  await b.channel.assertQueue(queue, { durable: false });
+  // Durable: RabbitMQ 4 deprecates transient non-exclusive queues (and will refuse them).
+  await b.channel.assertExchange(exchange, 'direct', { durable: true, autoDelete: false });
+  await b.channel.assertQueue(queue, { durable: true });
   await b.channel.bindQueue(queue, exchange, 'rk');
   b.cleanup(queue);
   t.after(() => b.channel.deleteExchange(exchange).catch(() => {}));
