@@ -35,6 +35,7 @@ const token = randomUUID();
 const env = { ...process.env, DOCKER_BUILDKIT: '0', COMPOSE_DOCKER_CLI_BUILD: '0', SHUTDOWN_TOKEN: token };
 const scratch = mkdtempSync(join(tmpdir(), 'amqpc-compose-'));
 const imagesFile = join(scratch, 'images.yml');
+process.once('exit', () => rmSync(scratch, { recursive: true, force: true }));
 writeFileSync(
   imagesFile,
   [
@@ -162,7 +163,6 @@ for (const signal of ['SIGINT', 'SIGTERM'] as const) {
   process.once(signal, () => {
     if (engine)
       spawnSync('docker', [...base, ...down], { cwd: ROOT, env, stdio: 'ignore', timeout: 2 * MINUTE });
-    rmSync(scratch, { recursive: true, force: true });
     process.exit(130);
   });
 }
@@ -176,11 +176,23 @@ describe('docker compose, on a real engine', { skip }, () => {
     if (process.env.COMPOSE_KEEP !== '1') {
       await compose(down, { timeoutMs: 5 * MINUTE, allowFail: true });
     }
-    rmSync(scratch, { recursive: true, force: true });
   });
 
   test('builds the runtime and the test image (classic builder)', async () => {
+    const images = ['amqp-concurrency-compose-test:runtime', 'amqp-concurrency-compose-test:test'];
+    const ids = async () =>
+      Promise.all(
+        images.map(async (i) =>
+          (await docker(['image', 'inspect', '-f', '{{.Id}}', i], { allowFail: true })).stdout.trim(),
+        ),
+      );
+    const before = await ids();
     await compose(['--profile', 'test', 'build', 'amqp-concurrency', 'test'], { timeoutMs: 30 * MINUTE });
+    // The images this build replaced would pile up untagged, run after run: remove them.
+    const after = await ids();
+    for (const [i, id] of before.entries()) {
+      if (id && id !== after[i]) await docker(['rmi', id], { allowFail: true });
+    }
   });
 
   test('up: RabbitMQ healthy first, then the service healthy, its ports on loopback', async (t) => {
