@@ -153,8 +153,15 @@ export class BrokerConnection extends EventEmitter<ConnectionEvents> {
   }
 }
 
-/** Opens a connection to `url` (TCP connect and AMQP handshake) within the connect deadline. */
-export async function openConnection(url: string, opts: ConnectOptions): Promise<BrokerConnection> {
+/**
+ * Opens a connection to `url` (TCP connect and AMQP handshake) within the connect
+ * deadline; `signal` gives up at once (a drain must not wait for a connect that hangs).
+ */
+export async function openConnection(
+  url: string,
+  opts: ConnectOptions,
+  signal?: AbortSignal,
+): Promise<BrokerConnection> {
   const address = redactUrl(url);
   const connecting = amqp.connect(withHeartbeat(url), {
     ...socketOptions(opts.purpose),
@@ -163,11 +170,18 @@ export async function openConnection(url: string, opts: ConnectOptions): Promise
   });
   let timer: NodeJS.Timeout | undefined;
   let late = false;
+  let onAbort = () => {};
   const deadline = new Promise<never>((_, reject) => {
     timer = setTimeout(() => {
       late = true;
       reject(new DeadlineError(`connecting to ${address}`, opts.connectTimeoutMs));
     }, opts.connectTimeoutMs);
+    onAbort = () => {
+      late = true;
+      reject(new Error('connecting was abandoned: the service is stopping'));
+    };
+    if (signal?.aborted) onAbort();
+    signal?.addEventListener('abort', onAbort, { once: true });
   });
   // A handshake that completes after we gave up must not leave a connection behind.
   connecting.then(
@@ -181,5 +195,6 @@ export async function openConnection(url: string, opts: ConnectOptions): Promise
     return new BrokerConnection(model, address, opts);
   } finally {
     clearTimeout(timer);
+    signal?.removeEventListener('abort', onAbort);
   }
 }

@@ -83,6 +83,8 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   #flushAt: number;
   /** The address that could not be reached, for the log. */
   #connecting: string | undefined;
+  /** Aborted when stopping: a connect in progress is given up at once. */
+  readonly #stop = new AbortController();
 
   constructor(opts: ConsumerOptions) {
     super();
@@ -135,6 +137,11 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
 
   get connected(): boolean {
     return this.#connection !== undefined && !this.#connection.isClosed;
+  }
+
+  /** Acks made and not yet written to the socket (they go out within a few ms). */
+  get unsentAcks(): number {
+    return this.#acks.pending;
   }
 
   /** The broker node of the live connection (no password), for /health and logs. */
@@ -232,6 +239,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   /** Stops new deliveries (basic.cancel) but keeps the channel open to settle what is in flight. */
   async cancel(): Promise<void> {
     this.#stopping = true;
+    this.#stop.abort();
     this.#wake?.();
     await this.#swapping;
     const channel = this.#channel;
@@ -250,6 +258,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
 
   async close(): Promise<void> {
     this.#stopping = true;
+    this.#stop.abort();
     this.#wake?.();
     // Send the acks still waiting for their turn before the channel goes.
     this.#flushAcks(false);
@@ -320,11 +329,11 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
    */
   async #session(): Promise<{ ended: Promise<string> }> {
     const url = this.#addresses.next();
-    const connection = await openConnection(url, {
-      purpose: 'consume',
-      connectTimeoutMs: this.#opts.connectTimeoutMs,
-      logger: this.#log,
-    }).catch((err) => {
+    const connection = await openConnection(
+      url,
+      { purpose: 'consume', connectTimeoutMs: this.#opts.connectTimeoutMs, logger: this.#log },
+      this.#stop.signal,
+    ).catch((err) => {
       this.#connecting = redactUrl(url);
       throw err;
     });

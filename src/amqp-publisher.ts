@@ -64,6 +64,8 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
   #session: Promise<Session> | undefined;
   #live: Session | undefined;
   #closed = false;
+  /** Aborted by close(): a connect in progress is given up at once. */
+  readonly #stop = new AbortController();
 
   constructor(opts: PublisherOptions) {
     super();
@@ -170,11 +172,11 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
   }
 
   async #connect(): Promise<Session> {
-    const connection = await openConnection(this.#addresses.next(), {
-      purpose: 'publish',
-      connectTimeoutMs: this.#opts.connectTimeoutMs,
-      logger: this.#log,
-    });
+    const connection = await openConnection(
+      this.#addresses.next(),
+      { purpose: 'publish', connectTimeoutMs: this.#opts.connectTimeoutMs, logger: this.#log },
+      this.#stop.signal,
+    );
     const forget = () => {
       if (this.#live?.connection === connection) {
         this.#live = undefined;
@@ -246,9 +248,12 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
 
   async close(): Promise<void> {
     this.#closed = true;
+    this.#stop.abort();
     const session = this.#live;
     this.#live = undefined;
     this.#session = undefined;
-    await session?.connection.close();
+    // A blocked connection does not read our close: end it at once.
+    if (session?.connection.blocked) session.connection.destroy('closing while blocked');
+    else await session?.connection.close();
   }
 }

@@ -13,7 +13,7 @@
 // log fields built for a level that is off (see also task-metrics.ts).
 import type { Logger } from 'pino';
 import type { AmqpConsumer, Delivery } from './amqp-consumer.ts';
-import type { AmqpPublisher } from './amqp-publisher.ts';
+import { type AmqpPublisher, UnroutableError } from './amqp-publisher.ts';
 import { serializeError } from './errors.ts';
 import { type Metrics, UNKNOWN_FUNC } from './metrics.ts';
 import {
@@ -332,6 +332,9 @@ export class Dispatcher {
       );
       return true;
     } catch (err) {
+      this.#opts.metrics.publishFailures.inc({
+        reason: err instanceof UnroutableError ? 'unroutable' : 'unconfirmed',
+      });
       this.#log.error({ err: serializeError(err) }, 'publish failed');
       return false;
     }

@@ -62,6 +62,12 @@ export function createMetrics(
       labelNames: ['reason'] as const,
       registers,
     }),
+    publishFailures: new Counter({
+      name: `${METRIC_PREFIX}publish_failures_total`,
+      help: 'Dead-letter, retry or reply copies the broker did not take, by reason (unroutable, unconfirmed); a dead-letter or retry copy that failed sends its original back to the queue.',
+      labelNames: ['reason'] as const,
+      registers,
+    }),
     amqpConnected: new Gauge({
       name: `${METRIC_PREFIX}amqp_connected`,
       help: '1 while the consuming connection is open, else 0.',
@@ -86,6 +92,7 @@ export const SERVICE_METRIC_NAMES = [
   'workers',
   'worker_restarts_total',
   'messages_dead_lettered_total',
+  'publish_failures_total',
   'amqp_connected',
   'amqp_reconnects_total',
 ].map((n) => METRIC_PREFIX + n);

@@ -24,6 +24,8 @@ export interface ServiceOptions {
   moduleUrl: string;
   logger: Logger;
   registry?: Registry;
+  /** How long one dead-letter, retry or reply publish may keep trying (default 60 s; time blocked by an alarm not counted). */
+  publishTimeoutMs?: number;
 }
 
 /** How the service ended: the exit code the CLI should use, and why. */
@@ -32,6 +34,19 @@ export interface Ending {
   reason: string;
   /** The error that stopped the service, when one did. */
   error?: ServiceError;
+}
+
+/** Whether `promise` settled within `ms`. */
+async function within(promise: Promise<unknown>, ms: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<false>((resolve) => {
+    timer = setTimeout(() => resolve(false), Math.max(0, ms));
+  });
+  try {
+    return await Promise.race([promise.then(() => true), late]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 export class Service {
@@ -76,7 +91,13 @@ export class Service {
       deliveryLimit: config.deliveryLimit,
       retryDelaysMs: retryDelays(config.maxRetries, config.retryDelay * 1000, config.retryDelayMax * 1000),
     };
-    this.publisher = new AmqpPublisher({ urls, connectTimeoutMs, topology, logger });
+    this.publisher = new AmqpPublisher({
+      urls,
+      connectTimeoutMs,
+      topology,
+      logger,
+      ...(opts.publishTimeoutMs === undefined ? {} : { publishTimeoutMs: opts.publishTimeoutMs }),
+    });
     this.consumer = new AmqpConsumer({
       urls,
       connectTimeoutMs,
@@ -287,7 +308,15 @@ export class Service {
     await this.consumer.cancel();
     const settled = this.dispatcher.drain();
     await this.pool.close(Math.max(0, deadline - performance.now()));
-    await settled;
+    // The tasks are over; what may remain is publishing their dead letters and replies. A
+    // publish that cannot finish by the deadline (publishing blocked by an alarm, a broker
+    // that stopped answering) is failed by closing the publisher: its message goes back
+    // to the queue, and the drain ends on time.
+    if (!(await within(settled, deadline - performance.now()))) {
+      this.#log.warn('publishes still waiting at the shutdown deadline: their messages go back to the queue');
+      await this.publisher.close();
+      await within(settled, 1_000);
+    }
     await Promise.all([this.consumer.close(), this.publisher.close()]);
     await this.http.close();
     return { code, reason };
