@@ -73,3 +73,30 @@ export async function startBroker(): Promise<void> {
   await ctl('start_app');
   await ctl('await_startup', '--timeout', '120');
 }
+
+/** Deliveries of `queue` the broker holds unacknowledged (sent to a consumer, not settled). */
+export async function unackedCount(queue: string): Promise<number> {
+  const out = await ctl('list_queues', 'name', 'messages_unacknowledged', '--quiet', '--no-table-headers');
+  for (const line of out.split('\n')) {
+    const [name, count] = line.split('\t');
+    if (name === queue) return Number(count);
+  }
+  throw new Error(`no queue ${queue} on the broker rabbitmqctl reaches`);
+}
+
+/**
+ * Raises a memory alarm on the broker (the watermark far below what it uses), so that it
+ * blocks every publishing connection; resolves with a function that lowers it again, to
+ * the watermark it had. Undefined when the watermark is not a plain fraction we can restore.
+ */
+export async function raiseMemoryAlarm(): Promise<(() => Promise<void>) | undefined> {
+  const before = (await ctl('eval', 'vm_memory_monitor:get_vm_memory_high_watermark().')).trim();
+  if (!/^\d+(\.\d+)?$/.test(before)) return undefined;
+  await ctl('set_vm_memory_high_watermark', '0.000001');
+  let lowered = false;
+  return async () => {
+    if (lowered) return;
+    lowered = true;
+    await ctl('set_vm_memory_high_watermark', before);
+  };
+}

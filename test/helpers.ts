@@ -184,9 +184,19 @@ export function testConfig(t: { name: string }, overrides: Partial<Config> = {})
 }
 
 /** Starts a service in-process and waits until it consumes; stops it and deletes its queues at teardown. */
-export async function startService(t: TestContext, b: Broker, config: Config): Promise<Service> {
+export async function startService(
+  t: TestContext,
+  b: Broker,
+  config: Config,
+  extra: { publishTimeoutMs?: number } = {},
+): Promise<Service> {
   const logger = pino({ level: config.logLevel });
-  const service = new Service({ config, moduleUrl: resolveTaskModule(config.taskPath, ROOT), logger });
+  const service = new Service({
+    config,
+    moduleUrl: resolveTaskModule(config.taskPath, ROOT),
+    logger,
+    ...extra,
+  });
   b.cleanup(config.queue, `${config.queue}.dead`);
   t.after(async () => {
     await service.drain('test teardown');
