@@ -1,7 +1,12 @@
 // Command-line and environment configuration (SPEC §1). A flag beats its env variable,
 // which beats the default. Every bad value becomes a ServiceError('ERR_CONFIG') whose
 // message is one line naming the flag and the problem; the CLI prints it and exits 2.
+//
+// OPTIONS below is the one table of options: each entry's flag, seed alias, env variable,
+// default, kind (its parser) and help drive parsing, `--help` and README's options table
+// (optionsMarkdown(); test/unit/config.test.ts fails when README's copy differs).
 import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
 import { ServiceError } from './errors.ts';
 
 export interface Config {
@@ -63,24 +68,33 @@ type Kind =
   | 'level'
   | 'queue-type';
 
-interface OptionSpec {
-  key: Exclude<keyof Config, 'shutdownToken'>;
+const LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+
+export interface OptionSpec {
+  key: Exclude<keyof Config, 'shutdownToken' | 'prefetchAuto'>;
   flag: string;
   alias?: string; // the Python tool's underscore spelling
   env: string;
   kind: Kind;
-  arg: string; // placeholder in --help
+  arg: string; // placeholder in --help and README
+  /** The value when neither flag nor env gives one; none for a default that is computed. */
+  default?: string | number;
+  /** Shown instead of the default value, in --help and README. */
+  shown?: string;
+  /** Said after the default value: `0: never`. */
+  note?: string;
   help: string;
 }
 
-const OPTIONS: readonly OptionSpec[] = [
+export const OPTIONS: readonly OptionSpec[] = [
   {
     key: 'workers',
     flag: '--workers',
     env: 'WORKERS',
     kind: 'count',
     arg: 'N',
-    help: 'worker processes (default 1)',
+    default: 1,
+    help: 'worker processes',
   },
   {
     key: 'taskPath',
@@ -89,7 +103,9 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'TASK_PATH',
     kind: 'string',
     arg: 'PATH',
-    help: "module whose exported functions are the tasks (default: the project's tasks/)",
+    default: DEFAULT_TASK_PATH,
+    shown: "the project's tasks/",
+    help: 'module whose exported functions are the tasks',
   },
   {
     key: 'workerTimeout',
@@ -98,7 +114,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'WORKER_TIMEOUT',
     kind: 'seconds',
     arg: 'SECONDS',
-    help: 'time limit of one task; the worker is killed and replaced past it (default 30)',
+    default: 30,
+    help: 'time limit of one task; the worker is killed and replaced past it',
   },
   {
     key: 'amqpUrl',
@@ -107,7 +124,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'AMQP_URL',
     kind: 'amqp-url',
     arg: 'URL',
-    help: `broker URL, amqp:// or amqps://; a comma-separated list for a cluster, tried in a shuffled order (default ${redactUrl(DEFAULT_AMQP_URL)})`,
+    default: DEFAULT_AMQP_URL,
+    help: 'broker URL, amqp:// or amqps://; a comma-separated list for a cluster, tried in a shuffled order',
   },
   {
     key: 'exchange',
@@ -115,7 +133,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'EXCHANGE',
     kind: 'string',
     arg: 'NAME',
-    help: 'durable direct exchange (default curio_amqp_exchange)',
+    default: 'curio_amqp_exchange',
+    help: 'durable direct exchange',
   },
   {
     key: 'queue',
@@ -123,7 +142,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'QUEUE',
     kind: 'string',
     arg: 'NAME',
-    help: 'durable work queue; dead letters go to NAME.dead (default curio_amqp_queue)',
+    default: 'curio_amqp_queue',
+    help: 'durable work queue; dead letters go to NAME.dead',
   },
   {
     key: 'routingKey',
@@ -131,7 +151,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'ROUTING_KEY',
     kind: 'string',
     arg: 'KEY',
-    help: 'binding key of the queue (default curio_amqp)',
+    default: 'curio_amqp',
+    help: 'binding key of the queue',
   },
   {
     key: 'prefetch',
@@ -139,7 +160,9 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'PREFETCH',
     kind: 'count',
     arg: 'N',
-    help: 'unacknowledged deliveries held at once (default: about 1 s of work per worker, by the measured task duration; 32 per worker until measured; at most 1000)',
+    // Computed: defaultPrefetch(workers), then auto-prefetch.ts (MIN/MAX_PER_WORKER).
+    shown: `automatic: about 1 s of work per worker at the measured task duration (2 to 256 per worker, at most ${MAX_PREFETCH}; ${defaultPrefetch(1)} per worker until tasks are timed)`,
+    help: 'unacknowledged deliveries held at once; when given, it stays fixed',
   },
   {
     key: 'httpHost',
@@ -147,7 +170,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'HTTP_HOST',
     kind: 'string',
     arg: 'HOST',
-    help: 'address of the HTTP server (default 0.0.0.0)',
+    default: '0.0.0.0',
+    help: 'address of the HTTP server',
   },
   {
     key: 'httpPort',
@@ -155,7 +179,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'HTTP_PORT',
     kind: 'port',
     arg: 'PORT',
-    help: 'port of the HTTP server, 0 for any free port (default 8080)',
+    default: 8080,
+    help: 'port of the HTTP server, 0 for any free port',
   },
   {
     key: 'shutdownTimeout',
@@ -163,7 +188,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'SHUTDOWN_TIMEOUT',
     kind: 'seconds',
     arg: 'SECONDS',
-    help: 'how long running tasks may finish during a drain (default 30)',
+    default: 30,
+    help: 'how long running tasks may finish during a drain',
   },
   {
     key: 'connectTimeout',
@@ -171,7 +197,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'CONNECT_TIMEOUT',
     kind: 'seconds',
     arg: 'SECONDS',
-    help: 'deadline of each step of reaching the broker (TCP connect, AMQP handshake, channel, declarations, consume); past it the attempt is dropped and retried (default 10)',
+    default: 10,
+    help: 'deadline of each step of reaching the broker (TCP connect, AMQP handshake, channel, declarations, consume); past it the attempt is dropped and retried',
   },
   {
     key: 'maxMessageBytes',
@@ -179,7 +206,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'MAX_MESSAGE_BYTES',
     kind: 'bytes',
     arg: 'BYTES',
-    help: 'larger bodies are dead-lettered as rejected (default 1048576)',
+    default: 1024 * 1024,
+    help: 'larger bodies are dead-lettered as rejected',
   },
   {
     key: 'maxRetries',
@@ -187,7 +215,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'MAX_RETRIES',
     kind: 'count0',
     arg: 'N',
-    help: 'runs again after a failure, timeout or crash before the message is dead-lettered (default 0)',
+    default: 0,
+    help: 'runs again after a failure, timeout or crash before the message is dead-lettered',
   },
   {
     key: 'retryDelay',
@@ -195,7 +224,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'RETRY_DELAY',
     kind: 'seconds',
     arg: 'SECONDS',
-    help: 'wait before the first retry; doubles with each attempt (default 1)',
+    default: 1,
+    help: 'wait before the first retry; doubles with each attempt',
   },
   {
     key: 'retryDelayMax',
@@ -203,7 +233,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'RETRY_DELAY_MAX',
     kind: 'seconds',
     arg: 'SECONDS',
-    help: 'cap of the retry wait (default 300)',
+    default: 300,
+    help: 'cap of the retry wait',
   },
   {
     key: 'queueType',
@@ -211,7 +242,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'QUEUE_TYPE',
     kind: 'queue-type',
     arg: 'TYPE',
-    help: 'classic, or quorum for a RabbitMQ cluster (default classic)',
+    default: 'classic',
+    help: 'classic, or quorum for a RabbitMQ cluster',
   },
   {
     key: 'deliveryLimit',
@@ -219,7 +251,8 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'DELIVERY_LIMIT',
     kind: 'count',
     arg: 'N',
-    help: 'quorum queues: deliveries before the broker dead-letters a message that kills its master (default 10)',
+    default: 10,
+    help: 'quorum queues: deliveries before the broker dead-letters a message that kills its master',
   },
   {
     key: 'killGrace',
@@ -227,7 +260,9 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'KILL_GRACE',
     kind: 'seconds0',
     arg: 'SECONDS',
-    help: "at the time limit the task's AbortSignal fires; SIGKILL follows after this grace (default 0: at once)",
+    default: 0,
+    note: 'at once',
+    help: "at the time limit the task's AbortSignal fires; SIGKILL follows after this grace",
   },
   {
     key: 'maxTasksPerWorker',
@@ -235,7 +270,9 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'MAX_TASKS_PER_WORKER',
     kind: 'count0',
     arg: 'N',
-    help: 'replace a worker after N tasks, between tasks (default 0: never)',
+    default: 0,
+    note: 'never',
+    help: 'replace a worker after N tasks, between tasks',
   },
   {
     key: 'maxWorkerMemory',
@@ -243,7 +280,9 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'MAX_WORKER_MEMORY',
     kind: 'count0',
     arg: 'MB',
-    help: 'replace a worker whose RSS passes MB, checked between tasks (default 0: never)',
+    default: 0,
+    note: 'never',
+    help: 'replace a worker whose RSS passes MB, checked between tasks',
   },
   {
     key: 'logLevel',
@@ -251,35 +290,40 @@ const OPTIONS: readonly OptionSpec[] = [
     env: 'LOG_LEVEL',
     kind: 'level',
     arg: 'LEVEL',
-    help: 'fatal, error, warn, info, debug, trace or silent (default info)',
+    default: 'info',
+    help: `${LEVELS.slice(0, -1).join(', ')} or ${LEVELS.at(-1)}`,
   },
 ];
 
-const DEFAULTS: Omit<Config, 'prefetch' | 'prefetchAuto' | 'shutdownToken'> = {
-  workers: 1,
-  taskPath: DEFAULT_TASK_PATH,
-  workerTimeout: 30,
-  amqpUrl: DEFAULT_AMQP_URL,
-  exchange: 'curio_amqp_exchange',
-  queue: 'curio_amqp_queue',
-  routingKey: 'curio_amqp',
-  httpHost: '0.0.0.0',
-  httpPort: 8080,
-  shutdownTimeout: 30,
-  connectTimeout: 10,
-  maxMessageBytes: 1024 * 1024,
-  logLevel: 'info',
-  maxRetries: 0,
-  retryDelay: 1,
-  retryDelayMax: 300,
-  queueType: 'classic',
-  deliveryLimit: 10,
-  killGrace: 0,
-  maxTasksPerWorker: 0,
-  maxWorkerMemory: 0,
-};
+/** Read from the environment only (a secret does not belong on a command line). */
+export const ENV_ONLY = {
+  env: 'SHUTDOWN_TOKEN',
+  shown: 'unset: POST /shutdown is disabled',
+  help: 'enables POST /shutdown for requests with the header Authorization: Bearer TOKEN',
+} as const;
 
-const LEVELS = new Set(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']);
+const BY_NAME = new Map<string, OptionSpec>(
+  OPTIONS.flatMap((o) =>
+    o.alias === undefined
+      ? [[o.flag, o]]
+      : [
+          [o.flag, o],
+          [o.alias, o],
+        ],
+  ),
+);
+
+/** How an option's default reads: in --help (passwords hidden) or in README's markdown. */
+export function shownDefault(spec: OptionSpec, where: 'help' | 'markdown'): string {
+  let text = spec.shown;
+  if (text === undefined) {
+    const value = spec.default;
+    if (typeof value === 'number') text = String(value);
+    else if (where === 'help') text = spec.kind === 'amqp-url' ? redactUrl(String(value)) : String(value);
+    else text = `\`${value}\``;
+  }
+  return spec.note === undefined ? text : `${text}: ${spec.note}`;
+}
 
 function fail(name: string, problem: string): never {
   throw new ServiceError('ERR_CONFIG', `${name}: ${problem}`);
@@ -343,7 +387,8 @@ function convert(spec: OptionSpec, name: string, raw: string): string | number {
       return raw;
     }
     case 'level': {
-      if (!LEVELS.has(raw)) fail(name, `must be one of ${[...LEVELS].join(', ')} (got ${shown})`);
+      if (!(LEVELS as readonly string[]).includes(raw))
+        fail(name, `must be one of ${LEVELS.join(', ')} (got ${shown})`);
       return raw;
     }
     case 'string': {
@@ -358,42 +403,60 @@ export function parseConfig(
   argv: readonly string[],
   env: Readonly<Record<string, string | undefined>>,
 ): ParseResult {
+  // parseArgs splits `--x v` and `--x=v`; strict is off so that this function, not
+  // parseArgs, words every error as one line naming the flag, in argv order.
+  const { tokens } = parseArgs({
+    args: [...argv],
+    options: {
+      ...Object.fromEntries([...BY_NAME.keys()].map((name) => [name.slice(2), { type: 'string' as const }])),
+      help: { type: 'boolean', short: 'h' },
+      version: { type: 'boolean', short: 'V' },
+    },
+    strict: false,
+    allowPositionals: true,
+    tokens: true,
+  });
   const fromFlags = new Map<OptionSpec, { name: string; raw: string }>();
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i] as string;
-    if (arg === '--help' || arg === '-h') return { kind: 'help' };
-    if (arg === '--version' || arg === '-V') return { kind: 'version' };
-    if (!arg.startsWith('--')) fail(arg, 'unexpected argument (options start with --; see --help)');
-    const eq = arg.indexOf('=');
-    const name = eq === -1 ? arg : arg.slice(0, eq);
-    const spec = OPTIONS.find((o) => o.flag === name || o.alias === name);
-    if (spec === undefined) fail(name, 'unknown option (see --help)');
-    let raw: string;
-    if (eq !== -1) raw = arg.slice(eq + 1);
-    else {
-      const next = argv[i + 1];
-      if (next === undefined || (next.startsWith('--') && next.length > 2))
-        fail(name, `needs a value (${spec.arg})`);
-      raw = next;
-      i++;
+  for (const token of tokens) {
+    const written = argv[token.index] as string;
+    if (token.kind === 'option-terminator') fail(written, 'unknown option (see --help)');
+    if (token.kind === 'positional' || !written.startsWith('--')) {
+      if (token.kind === 'option' && written === token.rawName) {
+        if (token.name === 'help') return { kind: 'help' };
+        if (token.name === 'version') return { kind: 'version' };
+      }
+      fail(written, 'unexpected argument (options start with --; see --help)');
     }
+    const name = token.rawName;
+    if (token.name === 'help' || token.name === 'version') {
+      if (token.value !== undefined) fail(name, 'takes no value');
+      return { kind: token.name };
+    }
+    const spec = BY_NAME.get(name);
+    if (spec === undefined) fail(name, 'unknown option (see --help)');
+    const raw = token.value;
+    if (raw === undefined || (!token.inlineValue && raw.startsWith('--') && raw.length > 2))
+      fail(name, `needs a value (${spec.arg})`);
     fromFlags.set(spec, { name, raw });
   }
 
-  const values: Record<string, string | number> = { ...DEFAULTS };
+  const values: Record<string, string | number> = {};
   let prefetchGiven = false;
   for (const spec of OPTIONS) {
     const flag = fromFlags.get(spec);
     const envRaw = env[spec.env];
     if (flag !== undefined) values[spec.key] = convert(spec, flag.name, flag.raw);
     else if (envRaw !== undefined && envRaw !== '') values[spec.key] = convert(spec, spec.env, envRaw);
-    else continue;
+    else {
+      if (spec.default !== undefined) values[spec.key] = spec.default;
+      continue;
+    }
     if (spec.key === 'prefetch') prefetchGiven = true;
   }
   const config = values as unknown as Config;
   config.prefetchAuto = !prefetchGiven;
   if (!prefetchGiven) config.prefetch = defaultPrefetch(config.workers);
-  const token = env.SHUTDOWN_TOKEN;
+  const token = env[ENV_ONLY.env];
   config.shutdownToken = token === undefined || token === '' ? undefined : token;
   return { kind: 'run', config };
 }
@@ -408,16 +471,35 @@ export function helpText(): string {
   ];
   for (const o of OPTIONS) {
     const left = `  ${o.flag} ${o.arg}`.padEnd(32);
-    lines.push(`${left}${o.help}  [${o.env}]`);
+    const colon = o.shown === undefined ? '' : ':'; // (default 30), (default: automatic...)
+    lines.push(`${left}${o.help} (default${colon} ${shownDefault(o, 'help')})  [${o.env}]`);
   }
   lines.push(
-    `${'  --help'.padEnd(32)}print this help`,
-    `${'  --version'.padEnd(32)}print the version`,
+    `${'  --help, -h'.padEnd(32)}print this help`,
+    `${'  --version, -V'.padEnd(32)}print the version`,
     '',
-    'SHUTDOWN_TOKEN (env only) enables POST /shutdown with Authorization: Bearer <token>.',
-    "The Python tool's spellings --task_path, --worker_timeout and --amqp_url are accepted too.",
+    `${ENV_ONLY.env} (env only) ${ENV_ONLY.help}.`,
+    `The Python tool's spellings ${OPTIONS.flatMap((o) => o.alias ?? []).join(', ')} are accepted too.`,
   );
   return lines.join('\n');
+}
+
+/**
+ * README's options table, made from OPTIONS: flag (and the Python tool's spelling), env
+ * variable, default, what it does. `npm run docs:options` prints it.
+ */
+export function optionsMarkdown(): string {
+  const cell = (text: string) => text.replaceAll('|', '\\|');
+  const rows = [
+    "| flag (the Python tool's spelling also works) | env | default | what it does |",
+    '| --- | --- | --- | --- |',
+  ];
+  for (const o of OPTIONS) {
+    const flag = `\`${o.flag} ${o.arg}\`${o.alias === undefined ? '' : ` (\`${o.alias}\`)`}`;
+    rows.push(`| ${cell(flag)} | \`${o.env}\` | ${cell(shownDefault(o, 'markdown'))} | ${cell(o.help)} |`);
+  }
+  rows.push(`| (none) | \`${ENV_ONLY.env}\` | ${cell(ENV_ONLY.shown)} | ${cell(ENV_ONLY.help)} |`);
+  return rows.join('\n');
 }
 
 /** The broker URLs of a --amqp-url value: one, or a comma-separated list (a cluster). */

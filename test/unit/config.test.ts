@@ -1,6 +1,18 @@
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
-import { defaultPrefetch, parseConfig, redactUrl } from '../../src/config.ts';
+import { MAX_PER_WORKER, MIN_PER_WORKER } from '../../src/auto-prefetch.ts';
+import {
+  defaultPrefetch,
+  ENV_ONLY,
+  helpText,
+  OPTIONS,
+  optionsMarkdown,
+  parseConfig,
+  redactUrl,
+  shownDefault,
+  splitUrls,
+} from '../../src/config.ts';
 import type { ServiceError } from '../../src/errors.ts';
 
 function config(argv: string[], env: Record<string, string> = {}) {
@@ -147,4 +159,87 @@ test('redactUrl hides the password only', () => {
 
 test('defaultPrefetch: 32 per worker, at most 1000', () => {
   assert.deepEqual([1, 2, 4, 100].map(defaultPrefetch), [32, 64, 128, 1000]);
+});
+
+test('argv edge cases: values that look like options, order, repeats, short flags', () => {
+  assert.equal(config(['--queue', '-x']).queue, '-x', 'a value may start with one dash');
+  assert.equal(config(['--queue=--x']).queue, '--x', 'or with two, after =');
+  assert.equal(config(['--workers', '2', '--workers=3']).workers, 3, 'the last one counts');
+  assert.equal(config(['--amqp_url=amqp://h1,amqp://h2']).amqpUrl, 'amqp://h1,amqp://h2');
+  assert.deepEqual(splitUrls(config(['--amqp-url', 'amqp://a, amqp://b']).amqpUrl), ['amqp://a', 'amqp://b']);
+  assert.deepEqual(parseConfig(['-V'], {}), { kind: 'version' });
+  assert.deepEqual(parseConfig(['--help', '--bogus'], {}), { kind: 'help' }, 'help as soon as it is seen');
+  const cases: [string[], RegExp][] = [
+    [['--queue', '--workers', '2'], /^--queue: needs a value \(NAME\)$/],
+    [['--workers', '-1'], /^--workers: must be a whole number/],
+    [['--bogus', '--help'], /^--bogus: unknown option/],
+    [['--bogus=1'], /^--bogus: unknown option/],
+    [['-x'], /^-x: unexpected argument/],
+    [['-hV'], /^-hV: unexpected argument/],
+    [['--'], /^--: unknown option/],
+    [['--help=yes'], /^--help: takes no value/],
+    [['--task_path'], /^--task_path: needs a value \(PATH\)$/],
+    [['--worker_timeout=0'], /^--worker_timeout: must be a number of seconds/],
+  ];
+  for (const [argv, pattern] of cases) assert.match(configError(argv), pattern, argv.join(' '));
+});
+
+const SAMPLES: Record<(typeof OPTIONS)[number]['kind'], [string, string]> = {
+  count: ['7', '8'],
+  count0: ['0', '8'],
+  seconds0: ['0.5', '8'],
+  seconds: ['0.5', '8'],
+  port: ['0', '8'],
+  bytes: ['7', '8'],
+  string: ['x', 'y'],
+  'amqp-url': ['amqp://h1', 'amqps://h2,amqps://h3'],
+  level: ['debug', 'silent'],
+  'queue-type': ['quorum', 'classic'],
+};
+
+test('the options table drives the defaults, env, flags and --help', () => {
+  const defaults = config([]);
+  const help = helpText();
+  for (const o of OPTIONS) {
+    if (o.default !== undefined) assert.equal(defaults[o.key], o.default, `default of ${o.flag}`);
+    else assert.ok(o.shown, `${o.flag}: a computed default says what it is`);
+    const line = help.split('\n').find((l) => l.startsWith(`  ${o.flag} `));
+    assert.ok(line, `--help lists ${o.flag}`);
+    assert.ok(line.includes(`[${o.env}]`), `--help names ${o.env}`);
+    assert.ok(line.includes(shownDefault(o, 'help')), `--help shows the default of ${o.flag}`);
+    const [a, b] = SAMPLES[o.kind];
+    assert.equal(String(config([], { [o.env]: a })[o.key]), a, `${o.env} is read`);
+    assert.equal(String(config([o.flag, b], { [o.env]: a })[o.key]), b, `${o.flag} beats ${o.env}`);
+    assert.equal(String(config([`${o.alias ?? o.flag}=${b}`])[o.key]), b, `${o.alias ?? o.flag}=`);
+  }
+  assert.doesNotMatch(help, /testuser:testuser/, 'no password in --help');
+  assert.ok(help.includes(ENV_ONLY.env));
+  const prefetch = OPTIONS.find((o) => o.key === 'prefetch');
+  assert.match(
+    prefetch?.shown ?? '',
+    new RegExp(`${MIN_PER_WORKER} to ${MAX_PER_WORKER} per worker`),
+    'the prefetch text follows auto-prefetch.ts',
+  );
+});
+
+test("README's options table is the table in src/config.ts", () => {
+  const readme = readFileSync(new URL('../../README.md', import.meta.url), 'utf8').split('\n');
+  const start = readme.indexOf(optionsMarkdown().split('\n')[0] as string);
+  assert.notEqual(start, -1, "README's options table has the header of optionsMarkdown()");
+  let end = start;
+  while (readme[end]?.startsWith('|')) end++;
+  const inReadme = readme.slice(start, end);
+  const inCode = optionsMarkdown().split('\n');
+  // Name, env variable and default first, for a readable failure; then the whole row.
+  const key = (row: string) => row.split(' | ').slice(0, 3).join(' | ');
+  assert.deepEqual(
+    inReadme.map(key),
+    inCode.map(key),
+    "README's options (flag, env, default) differ from OPTIONS in src/config.ts: paste `npm run --silent docs:options`",
+  );
+  assert.deepEqual(
+    inReadme,
+    inCode,
+    "README's options table differs from OPTIONS in src/config.ts: paste `npm run --silent docs:options`",
+  );
 });
