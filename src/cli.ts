@@ -97,6 +97,22 @@ async function main(): Promise<void> {
     void service.reload();
   });
 
+  // The last resort. After an error nobody caught, the master's state cannot be trusted:
+  // write down the message being handled, if any (a crash loop is broken by it, see
+  // crash-journal.ts), and stop; the orchestrator restarts us and the broker gives back
+  // whatever was not acked. Every known failure is handled where it happens; this is for
+  // the unknown ones.
+  const lastResort = (err: unknown, origin: string) => {
+    try {
+      service.recordCrash();
+      logger.fatal({ err, origin }, 'an error nobody caught: stopping');
+    } finally {
+      process.exit(1);
+    }
+  };
+  process.on('uncaughtException', (err, origin) => lastResort(err, origin));
+  process.on('unhandledRejection', (reason) => lastResort(reason, 'unhandledRejection'));
+
   try {
     await service.start();
   } catch (err) {

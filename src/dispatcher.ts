@@ -12,6 +12,7 @@
 // succeeded) is settled synchronously when the pool's promise resolves: no async chain, no
 // log fields built for a level that is off (see also task-metrics.ts).
 import type { Logger } from 'pino';
+import { type CrashJournal, crashKey } from './crash-journal.ts';
 import type { AmqpConsumer, Delivery } from './amqp-consumer.ts';
 import { type AmqpPublisher, UnroutableError } from './amqp-publisher.ts';
 import { serializeError } from './errors.ts';
@@ -26,7 +27,7 @@ import {
 } from './outcome.ts';
 import type { WorkerPool } from './pool.ts';
 import { RecentIds } from './recent-ids.ts';
-import { parseTaskMessage } from './task-message.ts';
+import { parseTaskMessage, type TaskCall } from './task-message.ts';
 import { retryQueueName } from './topology.ts';
 
 export interface DispatcherOptions {
@@ -44,6 +45,8 @@ export interface DispatcherOptions {
   recentIdsCapacity?: number;
   /** How long to remember one (default 5 minutes; see dedupeKey). */
   recentIdsTtlMs?: number;
+  /** Where deaths of the master while handling a message are written down (classic queues). */
+  crashJournal?: CrashJournal;
 }
 
 /**
@@ -68,6 +71,10 @@ interface Work {
   attempt: number;
   /** An ack or a requeue has been given for it: it must never get another. */
   answered: boolean;
+  /** Its ending has been taken: a second one (a late pool result) is ignored. */
+  finished: boolean;
+  /** What to run, when the body is a valid task. */
+  call: TaskCall | undefined;
 }
 
 /** Whether giving the message back counts towards a quorum queue's delivery limit (basic.reject). */
@@ -84,6 +91,8 @@ export class Dispatcher {
   readonly #running = new Map<string, Work>();
   readonly #finishedUnacked: RecentIds;
   #draining = false;
+  /** The delivery being handled right now, synchronously: the suspect if the master dies. */
+  #onStack: Delivery | undefined;
 
   constructor(opts: DispatcherOptions) {
     this.#opts = opts;
@@ -99,43 +108,90 @@ export class Dispatcher {
     return this.#inFlight;
   }
 
+  /**
+   * Takes one delivery. Whatever goes wrong in handling it ends that delivery alone (dead-
+   * lettered as crashed, or given back): a throw here would otherwise reach amqplib's
+   * frame loop, or stop the master, and with it every other message in flight.
+   */
   handle(delivery: Delivery): void {
+    this.#onStack = delivery;
+    let work: Work | undefined;
+    try {
+      work = this.#accept(delivery);
+      if (work !== undefined) this.#start(work);
+    } catch (err) {
+      this.#refuse(delivery, work, err);
+    } finally {
+      this.#onStack = undefined;
+    }
+  }
+
+  /** The Work for a delivery, or undefined when it is taken care of without a run. */
+  #accept(delivery: Delivery): Work | undefined {
     const { consumer, pool } = this.#opts;
     if (this.#draining) {
       consumer.requeue(delivery);
-      return;
+      return undefined;
     }
     const { message } = delivery;
     const rawId = message.properties.messageId;
     const messageId = typeof rawId === 'string' ? rawId : undefined;
     const attempt = attemptOf(message);
     const key = messageId === undefined ? undefined : dedupeKey(messageId, attempt, message.content.length);
-    if (key !== undefined && message.fields.redelivered && this.#settleDuplicate(delivery, key)) return;
+    if (key !== undefined && message.fields.redelivered && this.#settleDuplicate(delivery, key)) return undefined;
     const tracked = key !== undefined && !this.#running.has(key);
-    const parsed = parseTaskMessage(message.content, pool.funcs, this.#opts.maxMessageBytes);
+    // Before anything else looks into the body: handling it is what killed the master.
+    const deaths = message.fields.redelivered ? this.#deathsOf(messageId, message.content) : 0;
+    const parsed =
+      deaths === 0 ? parseTaskMessage(message.content, pool.funcs, this.#opts.maxMessageBytes) : undefined;
     const work: Work = {
       delivery,
       messageId,
       key,
       tracked,
-      func: parsed.ok ? parsed.call.func : this.#labelOf(parsed.func),
+      func: parsed === undefined ? UNKNOWN_FUNC : parsed.ok ? parsed.call.func : this.#labelOf(parsed.func),
       attempt,
       answered: false,
+      finished: false,
+      call: parsed?.ok ? parsed.call : undefined,
     };
     if (tracked) this.#running.set(key, work);
     this.#inFlight++;
+    if (parsed === undefined) {
+      this.#log.error(
+        { ...this.#fields(work), deaths },
+        'the service stopped each time it handled this message: dead-lettering it as crashed',
+      );
+      this.#finish(work, {
+        outcome: 'crashed',
+        error: {
+          name: 'CrashLoop',
+          message: `the service stopped ${deaths} times while handling this message`,
+          code: 'ERR_CRASH_LOOP',
+        },
+        durationMs: 0,
+      });
+      this.#opts.crashJournal?.forget(crashKey(messageId, message.content));
+      return undefined;
+    }
     if (!parsed.ok) {
       this.#finish(work, { outcome: 'rejected', reason: parsed.reason });
-      return;
+      return undefined;
     }
-    const { call } = parsed;
+    return work;
+  }
+
+  #start(work: Work): void {
+    const { consumer, pool } = this.#opts;
+    const call = work.call as TaskCall;
+    const { message } = work.delivery;
     const replyTo = message.properties.replyTo;
     pool
       .run({
         func: call.func,
         args: call.args,
         kwargs: call.kwargs,
-        messageId,
+        messageId: work.messageId,
         redelivered: message.fields.redelivered,
         attempt: work.attempt,
         wantResult: typeof replyTo === 'string' && replyTo !== '',
@@ -144,6 +200,46 @@ export class Dispatcher {
         abandoned: () => !consumer.isLive(work.delivery),
       })
       .then((ending) => this.#finish(work, ending));
+  }
+
+  /** How many times the master died handling this message, when that reaches the limit; else 0. */
+  #deathsOf(messageId: string | undefined, body: Buffer): number {
+    const journal = this.#opts.crashJournal;
+    if (journal === undefined || journal.empty) return 0;
+    const deaths = journal.deaths(crashKey(messageId, body));
+    return deaths >= journal.limit ? deaths : 0;
+  }
+
+  /** Handling a delivery threw: end it alone, as crashed (dead-lettered), or give it back. */
+  #refuse(delivery: Delivery, work: Work | undefined, err: unknown): void {
+    const cause = serializeError(err);
+    this.#log.error({ err: cause, deliveryTag: delivery.message.fields.deliveryTag }, 'handling a delivery failed');
+    if (work !== undefined) {
+      this.#finish(work, {
+        outcome: 'crashed',
+        error: { name: 'DispatchError', message: `handling the message failed: ${cause.message}`, code: 'ERR_DISPATCH' },
+        durationMs: 0,
+      });
+      return;
+    }
+    try {
+      this.#opts.consumer.requeue(delivery, true);
+    } catch {
+      // Its channel is going: the broker has it back.
+    }
+  }
+
+  /**
+   * The last resort, when the master is about to die of an error nobody caught: if a
+   * delivery was being handled, write it down (synchronously) so that the crash loop it
+   * may cause is broken (see crash-journal.ts).
+   */
+  recordCrash(): void {
+    const delivery = this.#onStack;
+    const journal = this.#opts.crashJournal;
+    if (delivery === undefined || journal === undefined) return;
+    const id = delivery.message.properties.messageId;
+    journal.suspect(crashKey(typeof id === 'string' ? id : undefined, delivery.message.content));
   }
 
   /** From now on deliveries go straight back to the queue; resolves when all in flight are settled. */
@@ -189,6 +285,8 @@ export class Dispatcher {
 
   /** The run is over: carry out the plan; synchronously when there is nothing to publish. */
   #finish(work: Work, ending: Ending): void {
+    if (work.finished) return;
+    work.finished = true;
     try {
       const { message } = work.delivery;
       const retryDelayMs = this.#opts.retryDelaysMs[work.attempt - 1];

@@ -6,8 +6,11 @@ import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
 import { AmqpConsumer } from './amqp-consumer.ts';
 import { AmqpPublisher } from './amqp-publisher.ts';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { AutoPrefetch } from './auto-prefetch.ts';
 import { type Config, MAX_PREFETCH, redactUrl, splitUrls } from './config.ts';
+import { CrashJournal } from './crash-journal.ts';
 import { Dispatcher } from './dispatcher.ts';
 import { ServiceError } from './errors.ts';
 import { buildServer, type HealthReport, type StatusReport } from './http.ts';
@@ -26,6 +29,19 @@ export interface ServiceOptions {
   registry?: Registry;
   /** How long one dead-letter, retry or reply publish may keep trying (default 60 s; time blocked by an alarm not counted). */
   publishTimeoutMs?: number;
+  /** Where the crash journal lives (default: see crashJournalPath). */
+  crashJournalPath?: string;
+}
+
+/** Deaths of the master while handling one message before it is dead-lettered as crashed. */
+export const CRASH_LIMIT = 3;
+
+/**
+ * The crash journal's file: per queue, in the temporary directory, which survives a
+ * restart of the process and of its container (not a new container: see README).
+ */
+export function crashJournalPath(queue: string): string {
+  return join(tmpdir(), 'amqp-concurrency', `${encodeURIComponent(queue)}.crashes.json`);
 }
 
 /** How the service ended: the exit code the CLI should use, and why. */
@@ -126,6 +142,7 @@ export class Service {
       deadLetterQueue: deadLetterQueueName(config.queue),
       maxMessageBytes: config.maxMessageBytes,
       retryDelaysMs: topology.retryDelaysMs,
+      crashJournal: new CrashJournal(opts.crashJournalPath ?? crashJournalPath(config.queue), CRASH_LIMIT),
     });
     this.#autoPrefetch = config.prefetchAuto
       ? new AutoPrefetch({
@@ -270,6 +287,11 @@ export class Service {
     }
     const perWorker = this.config.prefetch / this.config.workers;
     void this.consumer.setPrefetch(Math.max(1, Math.min(MAX_PREFETCH, Math.round(perWorker * count))));
+  }
+
+  /** The last resort before the process dies of an uncaught error (see Dispatcher.recordCrash). */
+  recordCrash(): void {
+    this.dispatcher.recordCrash();
   }
 
   /** Rolls every worker onto the task module's current code (SIGHUP). */

@@ -246,3 +246,79 @@ test('an unroutable dead letter gives the original back instead of acking it', a
   await w.settled();
   assert.deepEqual(w.answers, [{ tag: d.message.fields.deliveryTag, how: 'reject' }]);
 });
+
+test('a message the master died on three times is dead-lettered as crashed when it comes back, unrun', async (t) => {
+  const { mkdtempSync, rmSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const { CrashJournal, crashKey } = await import('../../src/crash-journal.ts');
+  const dir = mkdtempSync(join(tmpdir(), 'journal-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const journal = new CrashJournal(join(dir, 'q.json'), 3);
+  const published: { routingKey: string; headers: Record<string, unknown> }[] = [];
+  const w = world(
+    async () => ok,
+    async () => {},
+    {
+      crashJournal: journal,
+      publisher: {
+        publish: async (
+          _e: string,
+          routingKey: string,
+          _c: Buffer,
+          options: { headers?: Record<string, unknown> },
+        ) => {
+          published.push({ routingKey, headers: options.headers ?? {} });
+        },
+      } as unknown as DispatcherOptions['publisher'],
+    },
+  );
+  const bomb = delivery({ func: 'add', args: [1] }, { redelivered: true });
+  const key = crashKey(undefined, bomb.message.content);
+  journal.suspect(key);
+  journal.suspect(key);
+  // Two deaths: it still gets its chance.
+  w.dispatcher.handle(bomb);
+  assert.equal(w.requests.length, 1);
+  journal.suspect(key);
+  const again = delivery({ func: 'add', args: [1] }, { redelivered: true });
+  w.dispatcher.handle(again);
+  await w.settled();
+  assert.equal(w.requests.length, 1, 'not run a fourth time');
+  assert.deepEqual(
+    published.map((p) => [p.routingKey, p.headers['x-error-kind']]),
+    [['q.dead', 'crashed']],
+  );
+  assert.deepEqual(w.answers.at(-1), { tag: again.message.fields.deliveryTag, how: 'ack' });
+  assert.equal(journal.deaths(key), 0, 'forgotten once settled');
+});
+
+test('the last resort writes down the delivery being handled, and only then', async (t) => {
+  const { mkdtempSync, rmSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const { join } = await import('node:path');
+  const { CrashJournal, crashKey } = await import('../../src/crash-journal.ts');
+  const dir = mkdtempSync(join(tmpdir(), 'journal-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const journal = new CrashJournal(join(dir, 'q.json'), 3);
+  const d = delivery({ func: 'add' }, { messageId: 'boom' });
+  const w = world(
+    () => {
+      // The pool throws synchronously while this delivery is handled: the last resort,
+      // called from inside (as an uncaught error's handler would be), sees it.
+      w.dispatcher.recordCrash();
+      throw new Error('the pool broke');
+    },
+    undefined,
+    { crashJournal: journal },
+  );
+  w.dispatcher.handle(d);
+  assert.equal(journal.deaths(crashKey('boom', d.message.content)), 1);
+  // Outside of handling, nothing is on the stack.
+  w.dispatcher.recordCrash();
+  assert.equal(journal.deaths(crashKey('boom', d.message.content)), 1);
+  // And the throw ended that delivery alone: dead-lettered as crashed, then acked.
+  await w.settled();
+  assert.deepEqual(w.answers, [{ tag: d.message.fields.deliveryTag, how: 'ack' }]);
+  assert.equal(w.dispatcher.inFlight, 0);
+});
