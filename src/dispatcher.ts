@@ -12,9 +12,9 @@
 // succeeded) is settled synchronously when the pool's promise resolves: no async chain, no
 // log fields built for a level that is off (see also task-metrics.ts).
 import type { Logger } from 'pino';
-import { type CrashJournal, crashKey } from './crash-journal.ts';
 import type { AmqpConsumer, Delivery } from './amqp-consumer.ts';
 import { type AmqpPublisher, UnroutableError } from './amqp-publisher.ts';
+import { type CrashJournal, crashKey } from './crash-journal.ts';
 import { serializeError } from './errors.ts';
 import { type Metrics, UNKNOWN_FUNC } from './metrics.ts';
 import {
@@ -138,7 +138,8 @@ export class Dispatcher {
     const messageId = typeof rawId === 'string' ? rawId : undefined;
     const attempt = attemptOf(message);
     const key = messageId === undefined ? undefined : dedupeKey(messageId, attempt, message.content.length);
-    if (key !== undefined && message.fields.redelivered && this.#settleDuplicate(delivery, key)) return undefined;
+    if (key !== undefined && message.fields.redelivered && this.#settleDuplicate(delivery, key))
+      return undefined;
     const tracked = key !== undefined && !this.#running.has(key);
     // Before anything else looks into the body: handling it is what killed the master.
     const deaths = message.fields.redelivered ? this.#deathsOf(messageId, message.content) : 0;
@@ -213,11 +214,18 @@ export class Dispatcher {
   /** Handling a delivery threw: end it alone, as crashed (dead-lettered), or give it back. */
   #refuse(delivery: Delivery, work: Work | undefined, err: unknown): void {
     const cause = serializeError(err);
-    this.#log.error({ err: cause, deliveryTag: delivery.message.fields.deliveryTag }, 'handling a delivery failed');
+    this.#log.error(
+      { err: cause, deliveryTag: delivery.message.fields.deliveryTag },
+      'handling a delivery failed',
+    );
     if (work !== undefined) {
       this.#finish(work, {
         outcome: 'crashed',
-        error: { name: 'DispatchError', message: `handling the message failed: ${cause.message}`, code: 'ERR_DISPATCH' },
+        error: {
+          name: 'DispatchError',
+          message: `handling the message failed: ${cause.message}`,
+          code: 'ERR_DISPATCH',
+        },
         durationMs: 0,
       });
       return;

@@ -1,13 +1,14 @@
 // The service whole: pool, consuming and publishing connections, dispatcher, metrics and
 // HTTP, built from a Config. It never touches `process`: the CLI owns signals and exit
 // codes, so tests can build and stop a service in-process.
+
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
 import { AmqpConsumer } from './amqp-consumer.ts';
 import { AmqpPublisher } from './amqp-publisher.ts';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { AutoPrefetch } from './auto-prefetch.ts';
 import { type Config, MAX_PREFETCH, redactUrl, splitUrls } from './config.ts';
 import { CrashJournal } from './crash-journal.ts';
