@@ -73,6 +73,10 @@ export class BrokerConnection extends EventEmitter<ConnectionEvents> {
   readonly #log: Logger;
   #blocked = false;
   #closed = false;
+  #closing: Promise<void> | undefined;
+  /** Time spent blocked by the broker, for deadlines that must not count it. */
+  #blockedBefore = 0;
+  #blockedSince: number | undefined;
 
   constructor(model: ChannelModel, address: string, opts: ConnectOptions) {
     super();
@@ -86,11 +90,14 @@ export class BrokerConnection extends EventEmitter<ConnectionEvents> {
     model.on('close', () => this.#end('connection closed'));
     model.on('blocked', (reason: string) => {
       this.#blocked = true;
+      this.#blockedSince ??= performance.now();
       this.#log.warn({ reason, purpose: opts.purpose }, 'the broker blocked the connection (resource alarm)');
       this.emit('blocked', reason);
     });
     model.on('unblocked', () => {
       this.#blocked = false;
+      if (this.#blockedSince !== undefined) this.#blockedBefore += performance.now() - this.#blockedSince;
+      this.#blockedSince = undefined;
       this.#log.info({ purpose: opts.purpose }, 'the broker unblocked the connection');
       this.emit('unblocked');
     });
@@ -99,6 +106,13 @@ export class BrokerConnection extends EventEmitter<ConnectionEvents> {
   /** True while the broker has blocked this connection (a memory or disk alarm). */
   get blocked(): boolean {
     return this.#blocked;
+  }
+
+  /** All the time this connection has spent blocked so far, the current stretch included. */
+  get blockedMs(): number {
+    return (
+      this.#blockedBefore + (this.#blockedSince === undefined ? 0 : performance.now() - this.#blockedSince)
+    );
   }
 
   get isClosed(): boolean {
@@ -136,13 +150,18 @@ export class BrokerConnection extends EventEmitter<ConnectionEvents> {
     this.#end(reason);
   }
 
-  /** The closing handshake, bounded by the deadline; past it the socket is destroyed. */
-  async close(): Promise<void> {
-    if (this.#closed) return;
-    await this.step('closing the connection', () => this.model.close()).catch(() =>
-      this.destroy('close timed out'),
-    );
-    this.#end('closed by us');
+  /**
+   * The closing handshake, bounded by the deadline; past it the socket is destroyed.
+   * Idempotent: a second call (the channel's close handler and the owner's close) joins
+   * the first instead of starting a second handshake that amqplib refuses.
+   */
+  close(): Promise<void> {
+    this.#closing ??= this.#closed
+      ? Promise.resolve()
+      : this.step('closing the connection', () => this.model.close())
+          .catch(() => this.destroy('the close handshake did not finish'))
+          .then(() => this.#end('closed by us'));
+    return this.#closing;
   }
 
   #end(reason: string): void {

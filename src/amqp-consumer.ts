@@ -123,7 +123,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     const oldTag = this.#consumerTag;
     if (channel === undefined || connection === undefined || oldTag === undefined || this.#stopping) return;
     try {
-      await channel.prefetch(count);
+      await connection.step('setting the prefetch', () => channel.prefetch(count));
       if (this.#channel !== channel || this.#stopping) return;
       this.#consumerTag = await connection.step('starting a consumer', () =>
         this.#consume(channel, connection, this.#acks),
@@ -367,9 +367,17 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#channel = channel;
     this.#acks = new AckBatch();
     const acks = this.#acks;
-    this.#consumerTag = await connection.step('starting the consumer', () =>
+    const consumerTag = await connection.step('starting the consumer', () =>
       this.#consume(channel, connection, acks),
     );
+    if (this.#stopping) {
+      // A drain began while basic.consume was on its way: cancel() found no consumer to
+      // cancel, so cancel this one now, or it would keep delivering into a draining
+      // dispatcher that hands everything straight back.
+      await connection.step('cancelling the consumer', () => channel.cancel(consumerTag)).catch(() => {});
+      return { ended };
+    }
+    this.#consumerTag = consumerTag;
     this.#setState('consuming');
     this.#log.info(
       { queue: this.#opts.topology.queue, prefetch: this.#prefetch, broker: connection.address },

@@ -51,7 +51,9 @@ interface Pending {
 interface Session {
   connection: BrokerConnection;
   channel: ConfirmChannel;
+  /** Publishes waiting for their confirm, in publish order. */
   pending: Pending[];
+  watchdog: NodeJS.Timeout | undefined;
 }
 
 type PublisherEvents = { unroutable: [] };
@@ -91,14 +93,18 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
     for (let attempt = 1; ; attempt++) {
       if (this.#closed) throw new Error('the publisher is closed');
       const startedAt = performance.now();
-      let blockedMs = 0;
+      let session: Session | undefined;
+      let blockedAtStart = 0;
       try {
-        const session = await this.#open();
-        blockedMs = await this.#publishOnce(session, exchange, routingKey, content, options);
+        session = await this.#open();
+        blockedAtStart = session.connection.blockedMs;
+        await this.#publishOnce(session, exchange, routingKey, content, options);
         return;
       } catch (err) {
         if (err instanceof UnroutableError) throw err;
-        budget -= performance.now() - startedAt - blockedMs;
+        // Time blocked by a resource alarm does not count: the confirm comes after it.
+        const blocked = session === undefined ? 0 : session.connection.blockedMs - blockedAtStart;
+        budget -= performance.now() - startedAt - blocked;
         if (budget <= 0 || this.#closed) throw err;
         this.#log.warn({ err: { message: (err as Error).message }, attempt }, 'publish failed; trying again');
         await new Promise((r) => setTimeout(r, backoffDelay(attempt, { initialMs: 100, maxMs: 5_000 })));
@@ -106,61 +112,53 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
     }
   }
 
-  /** One try on one connection; resolves with how long it waited blocked. */
+  /** One try on one connection: resolves once confirmed. */
   #publishOnce(
     session: Session,
     exchange: string,
     routingKey: string,
     content: Buffer,
     options: Options.Publish,
-  ): Promise<number> {
-    const { connection, channel } = session;
+  ): Promise<void> {
     const entry: Pending = { exchange, routingKey, content, returned: undefined };
-    return new Promise<number>((resolve, reject) => {
-      let blockedSince: number | undefined;
-      let blockedMs = 0;
-      let timer: NodeJS.Timeout | undefined;
-      const done = () => {
-        clearTimeout(timer);
-        connection.off('blocked', onBlocked);
-        connection.off('unblocked', onUnblocked);
+    return new Promise<void>((resolve, reject) => {
+      session.pending.push(entry);
+      this.#watch(session);
+      session.channel.publish(exchange, routingKey, content, options, (err) => {
         const at = session.pending.indexOf(entry);
         if (at !== -1) session.pending.splice(at, 1);
-      };
-      // No confirm in time while not blocked: the connection is half-open. Destroying it
-      // fails every confirm waiting on it, and each publish goes again on a new one.
-      const arm = () => {
-        clearTimeout(timer);
-        timer = setTimeout(() => {
-          this.#log.warn('no publish confirm within the connect timeout: dropping the publishing connection');
-          connection.destroy('publish confirm overdue');
-        }, this.#opts.connectTimeoutMs);
-      };
-      const onBlocked = () => {
-        clearTimeout(timer);
-        blockedSince ??= performance.now();
-      };
-      const onUnblocked = () => {
-        if (blockedSince !== undefined) blockedMs += performance.now() - blockedSince;
-        blockedSince = undefined;
-        arm();
-      };
-      connection.on('blocked', onBlocked);
-      connection.on('unblocked', onUnblocked);
-      if (connection.blocked) onBlocked();
-      else arm();
-      session.pending.push(entry);
-      channel.publish(exchange, routingKey, content, options, (err) => {
-        if (blockedSince !== undefined) blockedMs += performance.now() - blockedSince;
-        done();
+        // Any confirm is progress: the connection is alive.
+        this.#watch(session, true);
         if (err) reject(err instanceof Error ? err : new Error('the broker did not confirm the publish'));
         else if (entry.returned !== undefined) {
           this.emit('unroutable');
           void this.#redeclare();
           reject(new UnroutableError(exchange, routingKey, entry.returned));
-        } else resolve(blockedMs);
+        } else resolve();
       });
     });
+  }
+
+  /**
+   * The session's watchdog: while publishes wait for confirms and the connection is not
+   * blocked, some confirm must come within the connect timeout, or the connection is
+   * half-open: it is destroyed, which fails every confirm waiting on it, and each publish
+   * goes again on a new one. One timer per connection, restarted by any progress, so a
+   * slow but moving broker (a long backlog, a slow disk) is never taken for a dead one.
+   */
+  #watch(session: Session, progress = false): void {
+    const { connection } = session;
+    if (progress || session.pending.length === 0 || connection.blocked) {
+      clearTimeout(session.watchdog);
+      session.watchdog = undefined;
+    }
+    if (session.pending.length === 0 || connection.blocked || session.watchdog !== undefined) return;
+    session.watchdog = setTimeout(() => {
+      session.watchdog = undefined;
+      if (session.pending.length === 0 || connection.blocked) return;
+      this.#log.warn('no publish confirm within the connect timeout: dropping the publishing connection');
+      connection.destroy('publish confirms overdue');
+    }, this.#opts.connectTimeoutMs);
   }
 
   #open(): Promise<Session> {
@@ -188,7 +186,10 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
       const channel = await connection.step('opening the publishing channel', () =>
         connection.model.createConfirmChannel(),
       );
-      const session: Session = { connection, channel, pending: [] };
+      const session: Session = { connection, channel, pending: [], watchdog: undefined };
+      connection.on('blocked', () => this.#watch(session));
+      connection.on('unblocked', () => this.#watch(session));
+      connection.once('closed', () => clearTimeout(session.watchdog));
       channel.on('error', (err) =>
         this.#log.warn({ err: { message: err.message } }, 'publishing channel error'),
       );
