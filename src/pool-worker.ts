@@ -150,6 +150,8 @@ export class PoolWorker extends EventEmitter<WorkerEvents> {
   /** Whether it may take one more task now, beyond `planned` about to be handed; `depth`: how many it may hold. */
   canTake(planned: number, depth: number, now: number, maxTasks: number): boolean {
     if (this.#phase !== 'up' || this.#leaving !== undefined || this.#cancelling) return false;
+    // Its process has gone (the exit is being handled): nothing handed to it would arrive.
+    if (!this.#proc.connected) return false;
     const load = this.#jobs.length + planned;
     // A worker due for recycling after N tasks is never handed more than N.
     if (maxTasks > 0 && this.tasksDone + load >= maxTasks) return false;
@@ -166,13 +168,13 @@ export class PoolWorker extends EventEmitter<WorkerEvents> {
     this.#jobs.push(...jobs);
     if (wasIdle) this.#startClock(this.#jobs[0] as Job);
     try {
-      this.#send(jobs);
+      if (!this.#send(jobs)) this.#undeliverable(jobs);
     } catch {
       // One of them cannot be serialised (nested past JSON.stringify's stack): send them
       // one by one, so that only the unsendable ones end, and nothing else is disturbed.
       for (const job of jobs) {
         try {
-          this.#send([job]);
+          if (!this.#send([job])) this.#undeliverable([job]);
         } catch (err) {
           this.#unsendable(job, err);
         }
@@ -180,7 +182,23 @@ export class PoolWorker extends EventEmitter<WorkerEvents> {
     }
   }
 
-  #send(jobs: Job[]): void {
+  /** The child can no longer be told anything (it is exiting): these were never sent, they go back. */
+  #undeliverable(jobs: Job[]): void {
+    const back = new Set(jobs);
+    const wasRunning = this.#jobs[0] !== undefined && back.has(this.#jobs[0]);
+    this.#jobs = this.#jobs.filter((j) => !back.has(j));
+    for (const job of jobs) {
+      clearTimeout(job.timer);
+      job.timer = undefined;
+      job.startedAt = 0;
+    }
+    const next = this.#jobs[0];
+    if (wasRunning && next !== undefined) this.#startClock(next);
+    // Not from inside the dispatch that handed them over: after it.
+    queueMicrotask(() => this.emit('returned', jobs));
+  }
+
+  #send(jobs: Job[]): boolean {
     const tasks: RunTask[] = jobs.map(({ taskId, request }) => ({
       taskId,
       func: request.func,
@@ -191,7 +209,7 @@ export class PoolWorker extends EventEmitter<WorkerEvents> {
       attempt: request.attempt,
       wantResult: request.wantResult,
     }));
-    this.#proc.send({
+    return this.#proc.send({
       type: 'run',
       tasks,
       timeoutMs: this.#opts.taskTimeoutMs,
@@ -267,6 +285,8 @@ export class PoolWorker extends EventEmitter<WorkerEvents> {
   }
 
   #startClock(job: Job): void {
+    // A task handed back (a cancel) and handed out again may still carry its old timer.
+    clearTimeout(job.timer);
     job.startedAt = performance.now();
     job.timer = setTimeout(() => this.#timeLimit(job), this.#opts.taskTimeoutMs);
   }
@@ -282,8 +302,17 @@ export class PoolWorker extends EventEmitter<WorkerEvents> {
     };
   }
 
-  /** The time limit: abort and allow the grace, or kill now. */
+  /**
+   * The time limit: abort and allow the grace, or kill now. One turn of the event loop
+   * first: timers run before the master reads its pipes, and a result waiting there
+   * (the master was busy, or frozen) means the task finished in time.
+   */
   #timeLimit(job: Job): void {
+    job.timer = undefined;
+    setImmediate(() => this.#pastTimeLimit(job));
+  }
+
+  #pastTimeLimit(job: Job): void {
     if (this.#jobs[0] !== job || job.ended) return;
     job.timedOut = true;
     const fields = { pid: this.pid, taskId: job.taskId, func: job.request.func };
@@ -328,7 +357,11 @@ export class PoolWorker extends EventEmitter<WorkerEvents> {
   }
 
   #resultOf(job: Job, line: ResultLine, durationMs: number): TaskResult {
-    if (job.timedOut) return { outcome: 'timeout', error: this.#timeoutError(true), durationMs };
+    // Past the limit by the master's clock, but the child says it ran within it: the
+    // result was waiting in the pipe while the master was slow to read (a frozen or busy
+    // master), and the task did finish in time.
+    const inTime = line.ranMs !== undefined && line.ranMs < this.#opts.taskTimeoutMs;
+    if (job.timedOut && !inTime) return { outcome: 'timeout', error: this.#timeoutError(true), durationMs };
     if (line.ok) return { outcome: 'succeeded', resultJson: line.resultJson, durationMs };
     return { outcome: 'failed', error: line.error, durationMs };
   }

@@ -45,7 +45,7 @@ export class Scheduler {
 
   /** Tasks a worker held and never started go back to the front of the queue, in order. */
   requeue(jobs: Job[]): void {
-    if (jobs.length > 0) this.#queue = [...jobs, ...this.#queue];
+    if (jobs.length > 0) this.#queue.unshift(...jobs);
   }
 
   recordRun(ms: number): void {
@@ -86,68 +86,75 @@ export class Scheduler {
    * workers whose code exports the task's func while one does (during a rolling reload,
    * old and new code run side by side). Whether anything was handed over.
    */
-  dispatch(workers: Iterable<PoolWorker>): boolean {
-    if (this.#queue.length === 0) {
+  dispatch(workers: ReadonlySet<PoolWorker>): boolean {
+    const queue = this.#queue;
+    if (queue.length === 0) {
       this.#rebalance(workers);
       return false;
     }
     const depth = this.#depth();
     const now = performance.now();
     const maxTasks = this.#opts.maxTasksPerWorker;
-    const all = [...workers];
     // A pipelining worker is topped up once it has run down to half its depth, not after
     // every task: one message then carries many tasks instead of one each.
     const refillAt = Math.floor(depth / 2);
     const batches = new Map<PoolWorker, Job[]>();
-    const load = (w: PoolWorker) => w.held + (batches.get(w)?.length ?? 0);
-    const takes = (w: PoolWorker) => {
-      const planned = batches.get(w)?.length ?? 0;
-      if (planned === 0 && w.held > refillAt) return false;
-      return w.canTake(planned, depth, now, maxTasks);
-    };
-    const kept: Job[] = [];
-    while (this.#queue.length > 0) {
-      const job = this.#queue.shift() as Job;
+    /** Tasks passed over because the workers whose code has their func are full (a reload). */
+    let passedOver: Job[] | undefined;
+    while (queue.length > 0) {
+      // Look before taking: when nobody can take anything, the queue is left as it is.
+      const job = queue[0] as Job;
       if (job.abandoned) {
+        queue.shift();
         job.giveBack('its channel closed before it started');
         continue;
       }
       const func = job.request.func;
       let best: PoolWorker | undefined;
+      let bestLoad = 0;
+      let fallback: PoolWorker | undefined;
+      let fallbackLoad = 0;
       let anyKnows = false;
-      let anyTakes = false;
-      for (const w of all) {
+      for (const w of workers) {
         const knows = w.funcs.has(func);
         if (knows && w.isUp) anyKnows = true;
-        if (!takes(w)) continue;
-        anyTakes = true;
-        if (!knows) continue;
-        if (best === undefined || load(w) < load(best)) best = w;
+        const planned = batches.get(w)?.length ?? 0;
+        if (planned === 0 && w.held > refillAt) continue;
+        if (!w.canTake(planned, depth, now, maxTasks)) continue;
+        const load = w.held + planned;
+        if (knows && (best === undefined || load < bestLoad)) {
+          best = w;
+          bestLoad = load;
+        }
+        if (fallback === undefined || load < fallbackLoad) {
+          fallback = w;
+          fallbackLoad = load;
+        }
       }
-      if (best === undefined && !anyKnows) {
-        // No worker's code exports it: the child answers for it (an unknown func fails).
-        for (const w of all) if (takes(w) && (best === undefined || load(w) < load(best))) best = w;
-      }
+      // No worker's code exports it: the child answers for it (an unknown func fails).
+      if (best === undefined && !anyKnows) best = fallback;
       if (best === undefined) {
-        kept.push(job);
-        if (!anyTakes) break; // nobody can take anything: the rest wait too
+        if (fallback === undefined) break; // nobody can take anything: the rest wait too
+        (passedOver ??= []).push(queue.shift() as Job);
         continue;
       }
-      const batch = batches.get(best) ?? [];
-      batches.set(best, batch);
-      batch.push(job);
+      queue.shift();
+      const batch = batches.get(best);
+      if (batch === undefined) batches.set(best, [job]);
+      else batch.push(job);
     }
-    this.#queue = [...kept, ...this.#queue];
+    if (passedOver !== undefined) queue.unshift(...passedOver);
     for (const [w, jobs] of batches) w.hand(jobs);
     return batches.size > 0;
   }
 
   /** A worker idles with nothing queued while another holds tasks behind a long one: take them back. */
-  #rebalance(workers: Iterable<PoolWorker>): void {
-    const all = [...workers];
-    if (!all.some((w) => w.state === 'idle' && w.isLive)) return;
+  #rebalance(workers: ReadonlySet<PoolWorker>): void {
+    let idle = false;
+    for (const w of workers) if (w.state === 'idle' && w.isLive) idle = true;
+    if (!idle) return;
     const now = performance.now();
-    for (const w of all) {
+    for (const w of workers) {
       const running = w.running;
       if (w.held > 1 && running !== undefined && now - running.startedAt >= LONG_TASK_MS) w.takeBack();
     }

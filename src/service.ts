@@ -262,7 +262,9 @@ export class Service {
         reason: `workers failing to start (${stats.bootFailures} in a row); ${up} of ${stats.desired} up`,
       };
     }
-    if (up === 0)
+    // With one worker, its replacement (after a timeout or a recycle) leaves none up for a
+    // moment: a replacement on its way is normal operation, not a reason; none at all is.
+    if (up === 0 && stats.starting === 0)
       return { ...report, status: 'workers down', reason: `no worker up (0 of ${stats.desired})` };
     return report;
   }

@@ -150,6 +150,11 @@ export class WorkerProcess extends EventEmitter<WorkerEvents> {
    * message cannot be serialised (a value nested too deep for JSON.stringify's stack):
    * the caller decides what that means for the tasks in it.
    */
+  /** Whether the IPC channel to the child is open: false once it is exiting or gone. */
+  get connected(): boolean {
+    return this.child.connected;
+  }
+
   send(message: MasterMessage): boolean {
     if (!this.child.connected) return false;
     this.child.send(message, undefined, {}, () => {});
