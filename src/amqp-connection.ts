@@ -103,6 +103,13 @@ export class BrokerConnection extends EventEmitter<ConnectionEvents> {
     });
   }
 
+  /** The broker's version, as it says in connection.start. */
+  get serverVersion(): string | undefined {
+    const props = (this.model.connection as unknown as { serverProperties?: { version?: unknown } })
+      .serverProperties;
+    return typeof props?.version === 'string' ? props.version : undefined;
+  }
+
   /** True while the broker has blocked this connection (a memory or disk alarm). */
   get blocked(): boolean {
     return this.#blocked;

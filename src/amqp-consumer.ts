@@ -18,6 +18,7 @@ import { AckBatch } from './ack-batch.ts';
 import { AddressList, type BrokerConnection, openConnection } from './amqp-connection.ts';
 import { backoffDelay } from './backoff.ts';
 import { redactUrl } from './config.ts';
+import { BROKER_DEFAULT_CONSUMER_TIMEOUT_MS, honoursConsumerTimeout } from './consumer-timeout.ts';
 import { ServiceError } from './errors.ts';
 import { declareTopology, type Topology } from './topology.ts';
 
@@ -48,6 +49,8 @@ export interface ConsumerOptions {
   prefetch: number;
   logger: Logger;
   onDelivery: (delivery: Delivery) => void;
+  /** x-consumer-timeout for basic.consume (see consumer-timeout.ts); none when undefined. */
+  consumerTimeoutMs?: number;
   /** A channel that delivered has closed: its unsettled deliveries are the broker's again. */
   onChannelLost?: () => void;
   reconnect?: { initialMs: number; maxMs: number };
@@ -83,6 +86,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   #flushAt: number;
   /** The address that could not be reached, for the log. */
   #connecting: string | undefined;
+  #warnedVersion: string | undefined;
   /** Aborted when stopping: a connect in progress is given up at once. */
   readonly #stop = new AbortController();
 
@@ -379,11 +383,33 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     }
     this.#consumerTag = consumerTag;
     this.#setState('consuming');
+    this.#warnIfTimeoutIgnored(connection);
     this.#log.info(
       { queue: this.#opts.topology.queue, prefetch: this.#prefetch, broker: connection.address },
       'consuming',
     );
     return { ended };
+  }
+
+  /**
+   * A broker older than 3.11.15 ignores x-consumer-timeout: if the delivery timeout we
+   * need is past its default, say so, with both values, once per broker version seen.
+   */
+  #warnIfTimeoutIgnored(connection: BrokerConnection): void {
+    const wanted = this.#opts.consumerTimeoutMs;
+    const version = connection.serverVersion;
+    if (
+      wanted === undefined ||
+      wanted <= BROKER_DEFAULT_CONSUMER_TIMEOUT_MS ||
+      honoursConsumerTimeout(version)
+    )
+      return;
+    if (this.#warnedVersion === version) return;
+    this.#warnedVersion = version;
+    this.#log.warn(
+      { broker: version, neededMs: wanted, brokerDefaultMs: BROKER_DEFAULT_CONSUMER_TIMEOUT_MS },
+      'this RabbitMQ ignores per-consumer timeouts: set consumer_timeout in rabbitmq.conf to at least neededMs, or a delivery that waits that long is redelivered while it runs',
+    );
   }
 
   /**
@@ -412,7 +438,12 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
         acks.delivered(message.fields.deliveryTag);
         this.#opts.onDelivery({ message, channel });
       },
-      { noAck: false },
+      {
+        noAck: false,
+        ...(this.#opts.consumerTimeoutMs === undefined
+          ? {}
+          : { arguments: { 'x-consumer-timeout': this.#opts.consumerTimeoutMs } }),
+      },
     );
     return consumerTag;
   }

@@ -9,8 +9,9 @@ import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
 import { AmqpConsumer } from './amqp-consumer.ts';
 import { AmqpPublisher } from './amqp-publisher.ts';
-import { AutoPrefetch } from './auto-prefetch.ts';
+import { AutoPrefetch, MAX_PER_WORKER } from './auto-prefetch.ts';
 import { type Config, MAX_PREFETCH, redactUrl, splitUrls } from './config.ts';
+import { consumerTimeoutFor } from './consumer-timeout.ts';
 import { CrashJournal } from './crash-journal.ts';
 import { Dispatcher } from './dispatcher.ts';
 import { ServiceError } from './errors.ts';
@@ -18,9 +19,6 @@ import { buildServer, type HealthReport, type StatusReport } from './http.ts';
 import { createMetrics, type Metrics } from './metrics.ts';
 import { WorkerPool } from './pool.ts';
 import { deadLetterQueueName, retryDelays, type Topology } from './topology.ts';
-
-/** RabbitMQ's default delivery-acknowledgement timeout (consumer_timeout), in seconds. */
-const BROKER_CONSUMER_TIMEOUT_S = 1800;
 
 export interface ServiceOptions {
   config: Config;
@@ -122,6 +120,13 @@ export class Service {
       prefetch: config.prefetch,
       logger,
       onDelivery: (delivery) => this.dispatcher.handle(delivery),
+      // Past the longest a delivery can wait here: the broker's own timeout never fires
+      // first (a fixed window keeps its share per worker; the automatic one is bounded).
+      consumerTimeoutMs: consumerTimeoutFor({
+        workerTimeout: config.workerTimeout,
+        killGrace: config.killGrace,
+        perWorker: config.prefetchAuto ? MAX_PER_WORKER : Math.ceil(config.prefetch / config.workers),
+      }),
       // What that channel delivered and has not started is the broker's again: drop it
       // here, or it would run now and again when redelivered.
       onChannelLost: () => this.pool.dropAbandoned(),
@@ -186,7 +191,6 @@ export class Service {
       },
       'starting',
     );
-    this.#warnAboutConsumerTimeout();
     await this.pool.start();
     try {
       await this.http.listen({ host: config.httpHost, port: config.httpPort });
@@ -200,28 +204,6 @@ export class Service {
     }
     this.consumer.start();
     this.#autoPrefetch?.start();
-  }
-
-  /**
-   * The broker closes the channel of a consumer that holds a delivery unacked longer than
-   * its consumer_timeout (30 min by default). A delivery can wait in our buffer behind
-   * others before it even starts, so the worst case is the timeout times the deliveries a
-   * worker may have queued. Say so at start-up rather than let the broker fire first.
-   */
-  #warnAboutConsumerTimeout(): void {
-    const { workerTimeout, prefetch, workers } = this.config;
-    const worstHoldS = workerTimeout * Math.ceil(prefetch / workers);
-    if (workerTimeout >= BROKER_CONSUMER_TIMEOUT_S) {
-      this.#log.warn(
-        { workerTimeout, consumerTimeout: BROKER_CONSUMER_TIMEOUT_S },
-        "--worker-timeout is not below RabbitMQ's default consumer_timeout: raise consumer_timeout on the broker, or the broker closes the channel before the task is killed",
-      );
-    } else if (worstHoldS >= BROKER_CONSUMER_TIMEOUT_S) {
-      this.#log.warn(
-        { workerTimeout, prefetch, workers, worstHoldS, consumerTimeout: BROKER_CONSUMER_TIMEOUT_S },
-        "a prefetched message could wait unacked past RabbitMQ's default consumer_timeout: lower --prefetch or --worker-timeout",
-      );
-    }
   }
 
   /** The port the HTTP server listens on (useful with --http-port 0). */

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import type { GetMessage } from 'amqplib';
-import { broker, startService, testConfig } from '../helpers.ts';
+import { broker, freshName, startService, testConfig, waitFor } from '../helpers.ts';
 
 function tempDir(t: { after: (fn: () => unknown) => void }): string {
   const dir = mkdtempSync(join(tmpdir(), 'retries-'));
@@ -98,19 +98,62 @@ test('--queue-type quorum declares a quorum queue whose own dead-lettering ends 
   probe.on('error', () => {});
   await assert.rejects(probe.assertQueue(q, { durable: true }), /PRECONDITION_FAILED/);
 
-  // A message that is never settled (as if it killed the master each time) is given back
-  // until the delivery limit; then the broker dead-letters it to <queue>.dead itself.
+  // A message that is never settled (as if it killed the master each time: its channel
+  // goes with the delivery unacked) comes back until the delivery limit; then the broker
+  // dead-letters it to <queue>.dead itself. A client crash counts on every version.
   await service.drain('test: hand the queue to a raw consumer');
-  const raw = await b.connection.createChannel();
   await b.send(q, { func: 'add', args: [0, 0] }, { messageId: 'poison' });
   for (let i = 0; i < 4; i++) {
+    const raw = await b.connection.createChannel();
     const m = await raw.get(q);
+    await raw.close();
     if (m === false) break;
-    raw.nack(m, false, true);
   }
   const [dead] = await b.take(`${q}.dead`, 1);
   assert.equal(dead?.properties.messageId, 'poison');
   const xDeath = header(dead, 'x-death') as { reason: string }[] | undefined;
   assert.equal(xDeath?.[0]?.reason, 'delivery_limit');
   assert.equal(await b.count(q), 0);
+});
+
+test('which give-backs count towards a quorum queue delivery limit, on this broker: reject always, nack before 4.3', async (t) => {
+  const b = await broker(t);
+  const version = String(b.connection.connection.serverProperties.version);
+  const nackCounts = !/^(4\.([3-9]|\d{2,})|[5-9])\./.test(version);
+  t.diagnostic(`RabbitMQ ${version}: nack ${nackCounts ? 'counts' : 'does not count'}`);
+  const ch = await b.connection.createChannel();
+  for (const how of ['reject', 'nack'] as const) {
+    const q = `${freshName(t)}.${how}`;
+    b.cleanup(q, `${q}.dead`);
+    await b.channel.assertQueue(`${q}.dead`, { durable: true });
+    await b.channel.assertQueue(q, {
+      durable: true,
+      arguments: {
+        'x-queue-type': 'quorum',
+        'x-delivery-limit': 1,
+        'x-dead-letter-exchange': '',
+        'x-dead-letter-routing-key': `${q}.dead`,
+      },
+    });
+    await b.send(q, { func: 'add' }, { messageId: how });
+    // Limit 1: the second give-back passes it, if give-backs of this kind count.
+    for (let i = 0; i < 3; i++) {
+      const m = await waitFor(
+        `the message in ${q}`,
+        async () => (await ch.get(q)) || (await b.count(`${q}.dead`)) > 0,
+      );
+      if (m === true || m === false) break; // dead-lettered already
+      if (how === 'reject') ch.reject(m, true);
+      else ch.nack(m, false, true);
+    }
+    const counted = how === 'reject' || nackCounts;
+    if (counted) {
+      const [dead] = await b.take(`${q}.dead`, 1);
+      assert.equal(dead?.properties.messageId, how);
+    } else {
+      // Still in the queue, not dead-lettered, after three give-backs.
+      assert.equal(await b.count(`${q}.dead`), 0);
+      assert.ok((await ch.get(q)) !== false, 'the message is still in the queue');
+    }
+  }
 });
