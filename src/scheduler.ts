@@ -135,7 +135,8 @@ export class Scheduler {
       if (best === undefined && !anyKnows) best = fallback;
       if (best === undefined) {
         if (fallback === undefined) break; // nobody can take anything: the rest wait too
-        (passedOver ??= []).push(queue.shift() as Job);
+        passedOver ??= [];
+        passedOver.push(queue.shift() as Job);
         continue;
       }
       queue.shift();
