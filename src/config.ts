@@ -252,7 +252,7 @@ export const OPTIONS: readonly OptionSpec[] = [
     kind: 'count',
     arg: 'N',
     default: 10,
-    help: 'quorum queues: deliveries before the broker dead-letters a message that kills its master',
+    help: 'quorum queues: give-backs the broker allows before it dead-letters a message itself (a limit of N means up to N+1 runs)',
   },
   {
     key: 'killGrace',
