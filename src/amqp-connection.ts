@@ -51,7 +51,7 @@ export class AddressList {
 }
 
 export interface ConnectOptions {
-  purpose: 'consume' | 'publish';
+  purpose: 'consume' | 'publish' | 'client';
   /** The deadline of each step: TCP connect plus AMQP handshake, then each step() after it. */
   connectTimeoutMs: number;
   logger: Logger;
@@ -177,6 +177,22 @@ export class BrokerConnection extends EventEmitter<ConnectionEvents> {
     this.#blocked = false;
     this.emit('closed', reason);
   }
+}
+
+/**
+ * Opens a connection to the first of `addresses` that answers, trying each once in the
+ * list's order: for one-shot users (the client, `publish`) that do not reconnect.
+ */
+export async function openFirst(addresses: AddressList, opts: ConnectOptions): Promise<BrokerConnection> {
+  let last: unknown;
+  for (let i = 0; i < addresses.size; i++) {
+    try {
+      return await openConnection(addresses.next(), opts);
+    } catch (err) {
+      last = err;
+    }
+  }
+  throw last;
 }
 
 /**

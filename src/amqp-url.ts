@@ -13,6 +13,8 @@ export function withHeartbeat(url: string): string {
 }
 
 /** Named connections show up by purpose in the management UI and `rabbitmqctl list_connections`. */
-export function socketOptions(purpose: 'consume' | 'publish'): Options.Connect & Record<string, unknown> {
+export function socketOptions(
+  purpose: 'consume' | 'publish' | 'client',
+): Options.Connect & Record<string, unknown> {
   return { clientProperties: { connection_name: `amqp-concurrency ${purpose} (pid ${process.pid})` } };
 }

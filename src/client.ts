@@ -10,9 +10,10 @@
 // A lost connection is not reopened: everything pending rejects with ERR_CLIENT_CLOSED
 // and the caller makes a new client.
 import { randomUUID } from 'node:crypto';
-import amqp, { type ChannelModel, type ConfirmChannel, type ConsumeMessage, type Options } from 'amqplib';
-import { withHeartbeat } from './amqp-url.ts';
-import { DEFAULT_AMQP_URL } from './config.ts';
+import type { ChannelModel, ConfirmChannel, ConsumeMessage, Options } from 'amqplib';
+import pino from 'pino';
+import { AddressList, openFirst } from './amqp-connection.ts';
+import { DEFAULT_AMQP_URL, splitUrls } from './config.ts';
 
 // biome-ignore lint/suspicious/noExplicitAny: task signatures are the caller's; any keeps them open
 type AnyTask = (...args: any[]) => unknown;
@@ -30,8 +31,13 @@ export type TaskArgs<T, K extends keyof T> = T[K] extends AnyTask ? Parameters<T
 export type TaskResult<T, K extends keyof T> = T[K] extends AnyTask ? Awaited<ReturnType<T[K]>> : never;
 
 export interface ClientOptions {
-  /** Default: the testuser URL on localhost, as the service's. A heartbeat of 10 s is added unless given. */
+  /**
+   * Default: the testuser URL on localhost, as the service's. A heartbeat of 10 s is added
+   * unless given. A comma-separated list of URLs (a cluster) is tried in a shuffled order.
+   */
   url?: string;
+  /** The deadline of the TCP connect and AMQP handshake with each broker (default 10 s). */
+  connectTimeoutMs?: number;
   /** Default: curio_amqp_exchange, as the service's. */
   exchange?: string;
   /** Default: curio_amqp, as the service's. */
@@ -269,8 +275,11 @@ export class Client<T extends TaskModule = AnyTasks> {
 export async function createClient<T extends TaskModule = AnyTasks>(
   opts: ClientOptions = {},
 ): Promise<Client<T>> {
-  const connection = await amqp.connect(withHeartbeat(opts.url ?? DEFAULT_AMQP_URL), {
-    clientProperties: { connection_name: `amqp-concurrency client (pid ${process.pid})` },
+  // A comma-separated list (a cluster): the first node that answers, in a shuffled order.
+  const { model: connection } = await openFirst(new AddressList(splitUrls(opts.url ?? DEFAULT_AMQP_URL)), {
+    purpose: 'client',
+    connectTimeoutMs: opts.connectTimeoutMs ?? 10_000,
+    logger: pino({ level: 'silent' }),
   });
   // Until the client listens itself: an 'error' event without a listener would throw.
   connection.on('error', () => {});

@@ -220,3 +220,23 @@ test('close rejects the calls still waiting with ERR_CLIENT_CLOSED, and later us
 test('createClient rejects when the broker cannot be reached', async () => {
   await assert.rejects(createClient({ url: 'amqp://testuser:testuser@127.0.0.1:1/' }), /ECONNREFUSED/);
 });
+
+test('a list of broker URLs: the client connects to one that answers, whichever order the shuffle gives', async (t) => {
+  const b = await broker(t);
+  const { exchange, queue } = await quietQueue(t, b);
+  // A port nobody listens on, and a host that never answers in time, beside the real one.
+  const dead = new URL(AMQP_URL);
+  dead.hostname = '127.0.0.1';
+  dead.port = '1';
+  for (let i = 0; i < 4; i++) {
+    const c = await createClient<typeof fixtures>({
+      url: `${dead.toString()},${AMQP_URL}`,
+      exchange,
+      routingKey: 'rk',
+      connectTimeoutMs: 2_000,
+    });
+    await c.send('add', [i, 1]);
+    await c.close();
+  }
+  assert.equal((await b.take(queue, 4)).length, 4);
+});
