@@ -1,7 +1,8 @@
 // The broker objects the service needs, declared on every (re)connect: a durable direct
 // exchange, the durable work queue bound to it (classic or quorum), the durable
 // `<queue>.dead`, and one TTL queue per retry delay, which dead-letters back to the work
-// queue when the delay is over (retries with no broker plugin).
+// queue when the delay is over (retries with no broker plugin). With quorum, all of them
+// are quorum queues.
 import type { Channel } from 'amqplib';
 import { ServiceError } from './errors.ts';
 
@@ -47,6 +48,34 @@ function workQueueArguments(topology: Topology): Record<string, unknown> {
   };
 }
 
+/**
+ * `<queue>.dead` is of the work queue's type: on a cluster with quorum queues, a dead-lettered
+ * message must survive the loss of a node as the task did.
+ */
+function deadLetterQueueArguments(topology: Topology): Record<string, unknown> {
+  return topology.queueType === 'quorum' ? { 'x-queue-type': 'quorum' } : {};
+}
+
+/**
+ * A retry TTL queue is of the work queue's type too. A quorum one dead-letters back to the
+ * work queue at-least-once (reject-publish, as for the work queue): a retry waiting out its
+ * delay is never dropped on the way back, nor lost with a node.
+ */
+function retryQueueArguments(topology: Topology, delayMs: number): Record<string, unknown> {
+  const back = {
+    'x-message-ttl': delayMs,
+    'x-dead-letter-exchange': '',
+    'x-dead-letter-routing-key': topology.queue,
+  };
+  if (topology.queueType === 'classic') return back;
+  return {
+    ...back,
+    'x-queue-type': 'quorum',
+    'x-dead-letter-strategy': 'at-least-once',
+    'x-overflow': 'reject-publish',
+  };
+}
+
 /** Declares the topology. A clash with an existing queue or exchange is ERR_TOPOLOGY, with a hint. */
 export async function declareTopology(channel: Channel, topology: Topology): Promise<void> {
   const { exchange, queue, routingKey } = topology;
@@ -73,19 +102,15 @@ export async function declareTopology(channel: Channel, topology: Topology): Pro
     channel.assertQueue(queue, { durable: true, arguments: workQueueArguments(topology) }),
   );
   await step(`queue ${JSON.stringify(deadLetterQueueName(queue))}`, () =>
-    channel.assertQueue(deadLetterQueueName(queue), { durable: true }),
+    channel.assertQueue(deadLetterQueueName(queue), {
+      durable: true,
+      arguments: deadLetterQueueArguments(topology),
+    }),
   );
   for (const delayMs of new Set(topology.retryDelaysMs)) {
     const name = retryQueueName(queue, delayMs);
     await step(`queue ${JSON.stringify(name)}`, () =>
-      channel.assertQueue(name, {
-        durable: true,
-        arguments: {
-          'x-message-ttl': delayMs,
-          'x-dead-letter-exchange': '',
-          'x-dead-letter-routing-key': queue,
-        },
-      }),
+      channel.assertQueue(name, { durable: true, arguments: retryQueueArguments(topology, delayMs) }),
     );
   }
   await channel.bindQueue(queue, exchange, routingKey);

@@ -157,3 +157,30 @@ test('which give-backs count towards a quorum queue delivery limit, on this brok
     }
   }
 });
+
+test('with --queue-type quorum, <queue>.dead and the retry queues are quorum queues, and a retry goes through them', async (t) => {
+  const b = await broker(t);
+  const service = await startService(
+    t,
+    b,
+    testConfig(t, { queueType: 'quorum', maxRetries: 1, retryDelay: 0.1, workers: 1 }),
+  );
+  const q = service.config.queue;
+  b.cleanup(`${q}.retry.100ms`);
+  const record = join(tempDir(t), 'attempts.jsonl');
+  await b.send(q, { func: 'failAndRecord', args: [record] }, { messageId: 'q1' });
+  const [dead] = await b.take(`${q}.dead`, 1);
+  assert.equal(dead?.properties.messageId, 'q1');
+  assert.equal(header(dead, 'x-attempts'), 2);
+  assert.equal(
+    readFileSync(record, 'utf8').trim().split('\n').length,
+    2,
+    'ran once, then once more after the retry delay',
+  );
+  // Redeclaring either as a classic queue is refused: they are quorum queues.
+  for (const name of [`${q}.dead`, `${q}.retry.100ms`]) {
+    const probe = await b.connection.createChannel();
+    probe.on('error', () => {});
+    await assert.rejects(probe.assertQueue(name, { durable: true }), /PRECONDITION_FAILED/, name);
+  }
+});
