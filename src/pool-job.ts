@@ -2,15 +2,10 @@
 // exactly once, whatever races between a result, a timeout, a kill, an exit and a drain:
 // `end` ignores every call after the first, so no path can settle a delivery twice.
 import type { SerializedError } from './errors.ts';
+import type { RunTask } from './protocol.ts';
 
-export interface TaskRequest {
-  func: string;
-  args: unknown[];
-  kwargs: Record<string, unknown> | undefined;
-  messageId: string | undefined;
-  redelivered: boolean;
-  attempt: number;
-  wantResult: boolean;
+/** A task as the dispatcher asks for it: what the child runs, less the pool's own id. */
+export interface TaskRequest extends Omit<RunTask, 'taskId'> {
   /**
    * True once running it would be pointless: its delivery's channel has closed, so the
    * broker has already given the message to the queue again. Asked before it starts.

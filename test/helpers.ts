@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 import amqp, { type ChannelModel, type ConfirmChannel, type GetMessage, type Options } from 'amqplib';
 import pino from 'pino';
 import { type Config, parseConfig } from '../src/config.ts';
+import type { TaskRequest } from '../src/pool.ts';
 import { Service } from '../src/service.ts';
 import { resolveTaskModule } from '../src/task-module.ts';
 
@@ -307,4 +308,17 @@ export async function seriesValue(
 ): Promise<number | undefined> {
   const line = (await service.metrics.registry.metrics()).split('\n').find((l) => l.startsWith(`${series} `));
   return line === undefined ? undefined : Number(line.slice(series.length + 1));
+}
+
+/** A task for the pool tests: `func(...args)`, a first delivery, its result wanted. */
+export function taskRequest(func: string, args: unknown[] = []): TaskRequest {
+  return {
+    func,
+    args,
+    kwargs: undefined,
+    messageId: undefined,
+    redelivered: false,
+    attempt: 1,
+    wantResult: true,
+  };
 }

@@ -2,9 +2,7 @@
 // with confirms and accounts for every message: ran (replied), dead-lettered or still
 // queued; none lost; duplicates counted and reported.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { existsSync, readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { closeConnections, faultsUnavailable, startBroker, stopBroker } from '../broker-faults.ts';
 import {
@@ -20,23 +18,9 @@ import {
   testConfig,
   waitFor,
 } from '../helpers.ts';
+import { runCounts, runsFile } from '../load.ts';
 
 const skip = await faultsUnavailable(AMQP_URL);
-
-function runsFile(t: { after: (fn: () => unknown) => void }): string {
-  const dir = mkdtempSync(join(tmpdir(), 'faults-'));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  return join(dir, 'runs.txt');
-}
-
-function runCounts(path: string): Map<string, number> {
-  const counts = new Map<string, number>();
-  if (!existsSync(path)) return counts;
-  for (const id of readFileSync(path, 'utf8').split('\n')) {
-    if (id !== '') counts.set(id, (counts.get(id) ?? 0) + 1);
-  }
-  return counts;
-}
 
 /** Publishes `n` record tasks with ids `m0..m{n-1}`, each replying to `replyTo`. */
 async function publishLoad(b: Broker, queue: string, path: string, n: number, replyTo: string, ms = 5) {

@@ -10,22 +10,17 @@ import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import fc from 'fast-check';
 import pino from 'pino';
-import { type TaskRequest, type TaskResult, WorkerPool } from '../../src/pool.ts';
-import { broker, FIXTURE_TASKS, startService, testConfig, waitFor } from '../helpers.ts';
+import { type TaskResult, WorkerPool } from '../../src/pool.ts';
+import {
+  broker,
+  FIXTURE_TASKS,
+  taskRequest as request,
+  startService,
+  testConfig,
+  waitFor,
+} from '../helpers.ts';
 
 const logger = pino({ level: 'silent' });
-
-function request(func: string, args: unknown[] = []): TaskRequest {
-  return {
-    func,
-    args,
-    kwargs: undefined,
-    messageId: undefined,
-    redelivered: false,
-    attempt: 1,
-    wantResult: true,
-  };
-}
 
 function alive(pid: number | undefined): boolean {
   if (pid === undefined) return false;

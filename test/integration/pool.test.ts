@@ -8,22 +8,10 @@ import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import pino from 'pino';
 import type { ServiceError } from '../../src/errors.ts';
-import { type TaskRequest, WorkerPool } from '../../src/pool.ts';
-import { FIXTURE_TASKS, waitFor } from '../helpers.ts';
+import { WorkerPool } from '../../src/pool.ts';
+import { FIXTURE_TASKS, taskRequest as request, waitFor } from '../helpers.ts';
 
 const logger = pino({ level: 'silent' });
-
-function request(func: string, args: unknown[] = []): TaskRequest {
-  return {
-    func,
-    args,
-    kwargs: undefined,
-    messageId: undefined,
-    redelivered: false,
-    attempt: 1,
-    wantResult: true,
-  };
-}
 
 function pool(
   t: { after: (fn: () => unknown) => void },

@@ -91,6 +91,18 @@ function world(
   };
 }
 
+/** A pool whose tasks end only when the test says: `finish` ends the latest one. */
+function heldRuns() {
+  let last: (r: TaskResult) => void = () => {};
+  return {
+    run: () =>
+      new Promise<TaskResult>((resolve) => {
+        last = resolve;
+      }),
+    finish: (r: TaskResult) => last(r),
+  };
+}
+
 const ok: TaskResult = { outcome: 'succeeded', resultJson: undefined, durationMs: 1 };
 const crashed: TaskResult = {
   outcome: 'crashed',
@@ -138,13 +150,9 @@ test('a settlement that throws before answering gives the delivery back, counted
 
 test('a message that finished while its channel died is acked unrun when it comes back, and only that one', async () => {
   const first = delivery({ func: 'add' }, { messageId: 'm1' });
-  let finish: (r: TaskResult) => void = () => {};
-  const w2 = world(
-    () =>
-      new Promise<TaskResult>((resolve) => {
-        finish = resolve;
-      }),
-  );
+  const held = heldRuns();
+  const finish = held.finish;
+  const w2 = world(held.run);
   w2.dispatcher.handle(first);
   const newChannel = w2.loseChannel();
   finish(ok); // finished, but its ack cannot reach the broker
@@ -166,7 +174,6 @@ test('a message that finished while its channel died is acked unrun when it come
 
 test('the dedupe memory expires: a message id seen long ago runs again', async () => {
   let now = 0;
-  let finish: (r: TaskResult) => void = () => {};
   // A memory whose clock we drive.
   const { RecentIds } = await import('../../src/recent-ids.ts');
   const memory = new RecentIds(10, 1_000, () => now);
@@ -177,30 +184,20 @@ test('the dedupe memory expires: a message id seen long ago runs again', async (
   assert.equal(memory.has('a'), false);
   assert.equal(memory.size, 0);
   // And through the dispatcher: ttl 0 forgets at once.
-  const w0 = world(
-    () =>
-      new Promise<TaskResult>((resolve) => {
-        finish = resolve;
-      }),
-    undefined,
-    { recentIdsTtlMs: 0 },
-  );
+  const held = heldRuns();
+  const w0 = world(held.run, undefined, { recentIdsTtlMs: 0 });
   w0.dispatcher.handle(delivery({ func: 'add' }, { messageId: 'm2' }));
   const ch = w0.loseChannel();
-  finish(ok);
+  held.finish(ok);
   await w0.settled();
   w0.dispatcher.handle(delivery({ func: 'add' }, { messageId: 'm2', redelivered: true, channel: ch }));
   assert.equal(w0.requests.length, 2, 'forgotten: it runs');
 });
 
 test('a redelivery of a message still running is not run again, and the run settles the new delivery', async () => {
-  let finish: (r: TaskResult) => void = () => {};
-  const w = world(
-    () =>
-      new Promise<TaskResult>((resolve) => {
-        finish = resolve;
-      }),
-  );
+  const held = heldRuns();
+  const finish = held.finish;
+  const w = world(held.run);
   w.dispatcher.handle(delivery({ func: 'add' }, { messageId: 'm3' }));
   const ch = w.loseChannel();
   const again = delivery({ func: 'add' }, { messageId: 'm3', redelivered: true, channel: ch });
@@ -214,13 +211,9 @@ test('a redelivery of a message still running is not run again, and the run sett
 });
 
 test('a task of a channel that died is abandoned before it starts; a give-back is not counted', async () => {
-  let finish: (r: TaskResult) => void = () => {};
-  const w = world(
-    () =>
-      new Promise<TaskResult>((resolve) => {
-        finish = resolve;
-      }),
-  );
+  const held = heldRuns();
+  const finish = held.finish;
+  const w = world(held.run);
   const d = delivery({ func: 'add' });
   w.dispatcher.handle(d);
   assert.equal(w.requests[0]?.abandoned?.(), false);
