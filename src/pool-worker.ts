@@ -357,11 +357,7 @@ export class PoolWorker extends EventEmitter<WorkerEvents> {
   }
 
   #resultOf(job: Job, line: ResultLine, durationMs: number): TaskResult {
-    // Past the limit by the master's clock, but the child says it ran within it: the
-    // result was waiting in the pipe while the master was slow to read (a frozen or busy
-    // master), and the task did finish in time.
-    const inTime = line.ranMs !== undefined && line.ranMs < this.#opts.taskTimeoutMs;
-    if (job.timedOut && !inTime) return { outcome: 'timeout', error: this.#timeoutError(true), durationMs };
+    if (job.timedOut) return { outcome: 'timeout', error: this.#timeoutError(true), durationMs };
     if (line.ok) return { outcome: 'succeeded', resultJson: line.resultJson, durationMs };
     return { outcome: 'failed', error: line.error, durationMs };
   }
