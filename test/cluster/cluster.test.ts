@@ -348,3 +348,86 @@ test('quorum queue on 3 nodes: 5,000 tasks survive stopping the leader, the conn
     assert.ok(ms <= RECOVERY_LIMIT_MS, `fault ${i + 1}: consuming again within 10 s (${ms.toFixed(0)} ms)`);
   assert.equal(await messageCount(`${queue}.dead`), 0, 'nothing dead-lettered');
 });
+
+test('three replicas on a 3-node quorum queue: node faults and one replica killed with SIGKILL, nothing lost', {
+  skip,
+  timeout: 1_500_000,
+}, async (t) => {
+  requireCluster();
+  const queue = freshName(t);
+  const queues = [queue, `${queue}.dead`];
+  teardown(t, queue);
+  const path = runsFile(t);
+  const replicas = [];
+  for (let i = 0; i < 3; i++) replicas.push(await startReplica(t, queue, 2));
+  const [first, second, third] = replicas as [
+    (typeof replicas)[0],
+    (typeof replicas)[0],
+    (typeof replicas)[0],
+  ];
+  await publishAll(queue, path);
+  const atStart = Date.now();
+  const recoveries: number[] = [];
+  const allPorts = replicas.map((r) => r.port);
+
+  // 1. The queue leader's app stops, under all three replicas.
+  recoveries.push(
+    await stopAppFault(t, 'fault 1 (queue leader)', await leaderOf(queue), allPorts, path, queues),
+  );
+
+  // 2. A replica is killed outright mid-run: what it had taken and not acked is the others' now.
+  assertUnderLoad(path, 'replica kill');
+  const killedAt = performance.now();
+  second.cli.child.kill('SIGKILL');
+  await second.cli.exit;
+  const livePorts = [first.port, third.port];
+  const replicaRecovery = await recoveredAfter(livePorts, path, killedAt);
+  t.diagnostic(
+    `replica killed with SIGKILL: the other two running tasks ${replicaRecovery.toFixed(0)} ms later ` +
+      `(${tally(path, TASKS).lost} tasks not yet run)`,
+  );
+
+  // 3. The node the first replica is connected to.
+  recoveries.push(
+    await stopAppFault(
+      t,
+      'fault 2 (node of a replica)',
+      await connectedNode(first.port),
+      livePorts,
+      path,
+      queues,
+    ),
+  );
+
+  // 4. The node of the third replica, killed outright.
+  const victim = await connectedNode(third.port);
+  assertUnderLoad(path, 'fault 3');
+  const nodeKilledAt = performance.now();
+  const killed = await cluster('kill', String(victim));
+  assert.equal(killed.code, 0, `cluster kill ${victim}: ${killed.stderr}`);
+  const recovery3 = await recoveredAfter(livePorts, path, nodeKilledAt);
+  t.diagnostic(
+    `fault 3 (kill node ${victim}, a replica's node): consuming again ${recovery3.toFixed(0)} ms after the kill ` +
+      `(${tally(path, TASKS).lost} tasks not yet run)`,
+  );
+  recoveries.push(recovery3);
+  const restarted = await cluster('start');
+  assert.equal(restarted.code, 0, `cluster start: ${restarted.stderr}`);
+  await waitForFullCluster(queues);
+
+  await waitFor('every task to run', () => tally(path, TASKS).lost === 0, 900_000);
+  await waitFor('the queue to be empty and settled', async () => (await messageCount(queue)) === 0, 60_000);
+  const { ran, lost, duplicates } = tally(path, TASKS);
+  t.diagnostic(
+    `3 replicas: ${ran} of ${TASKS} ran, ${lost} lost, ${duplicates} duplicate runs ` +
+      `(${((duplicates / TASKS) * 100).toFixed(2)}%), in ${((Date.now() - atStart) / 1000).toFixed(0)} s; ` +
+      `recoveries ${recoveries.map((ms) => `${(ms / 1000).toFixed(1)} s`).join(', ')}`,
+  );
+  // A replica that acked another's redelivered work from its dedupe memory without running
+  // it would show here as a lost id.
+  assert.equal(lost, 0, 'every task ran');
+  assert.ok(duplicates <= TASKS * DUPLICATE_LIMIT, `duplicates ${duplicates} at most 0.5% of ${TASKS}`);
+  for (const [i, ms] of recoveries.entries())
+    assert.ok(ms <= RECOVERY_LIMIT_MS, `fault ${i + 1}: consuming again within 10 s (${ms.toFixed(0)} ms)`);
+  assert.equal(await messageCount(`${queue}.dead`), 0, 'nothing dead-lettered');
+});
