@@ -232,13 +232,21 @@ interface TestContext {
   diagnostic: (message: string) => void;
 }
 
-/** Restores the cluster and deletes the test's queues at teardown (registered first: runs last). */
-function teardown(t: TestContext, queue: string, retryQueues: string[] = []): void {
+/**
+ * At teardown, pass or fail: brings every node back, stops the test's replicas (t.after hooks
+ * run in the order they were added, so spawnCli's own would come too late: a replica still
+ * consuming would declare the queues again), and deletes the test's queues.
+ */
+function teardown(t: TestContext, queue: string, replicas: { cli: SpawnedCli }[]): void {
   t.after(async () => {
     await restoreCluster();
+    for (const { cli } of replicas) {
+      if (cli.child.exitCode === null && cli.child.signalCode === null) cli.child.kill('SIGKILL');
+      await cli.exit;
+    }
     const connection = await amqp.connect(nodeUrl(1)).catch(() => undefined);
     const channel = await connection?.createChannel().catch(() => undefined);
-    for (const q of [queue, `${queue}.dead`, ...retryQueues]) await channel?.deleteQueue(q).catch(() => {});
+    for (const q of [queue, `${queue}.dead`]) await channel?.deleteQueue(q).catch(() => {});
     await channel?.deleteExchange(`${queue}.x`).catch(() => {});
     await connection?.close().catch(() => {});
   });
@@ -304,9 +312,11 @@ test('quorum queue on 3 nodes: 5,000 tasks survive stopping the leader, the conn
   requireCluster();
   const queue = freshName(t);
   const queues = [queue, `${queue}.dead`];
-  teardown(t, queue);
+  const replicas: { cli: SpawnedCli; port: number }[] = [];
+  teardown(t, queue, replicas);
   const path = runsFile(t);
-  const { port } = await startReplica(t, queue, 4);
+  replicas.push(await startReplica(t, queue, 4));
+  const { port } = replicas[0] as { port: number };
   await publishAll(queue, path);
   const recoveries: number[] = [];
   const atStart = Date.now();
@@ -356,9 +366,9 @@ test('three replicas on a 3-node quorum queue: node faults and one replica kille
   requireCluster();
   const queue = freshName(t);
   const queues = [queue, `${queue}.dead`];
-  teardown(t, queue);
+  const replicas: { cli: SpawnedCli; port: number }[] = [];
+  teardown(t, queue, replicas);
   const path = runsFile(t);
-  const replicas = [];
   for (let i = 0; i < 3; i++) replicas.push(await startReplica(t, queue, 2));
   const [first, second, third] = replicas as [
     (typeof replicas)[0],
