@@ -87,6 +87,8 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   /** The address that could not be reached, for the log. */
   #connecting: string | undefined;
   #warnedVersion: string | undefined;
+  /** The broker refused x-consumer-timeout on this queue: consume without it from now on. */
+  #timeoutRefused = false;
   /** Aborted when stopping: a connect in progress is given up at once. */
   readonly #stop = new AbortController();
 
@@ -391,24 +393,34 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     return { ended };
   }
 
-  /**
-   * A broker older than 3.11.15 ignores x-consumer-timeout: if the delivery timeout we
-   * need is past its default, say so, with both values, once per broker version seen.
-   */
+  /** A broker older than 3.11.15 ignores x-consumer-timeout: say so (see #warnTimeout). */
   #warnIfTimeoutIgnored(connection: BrokerConnection): void {
+    if (!honoursConsumerTimeout(connection.serverVersion))
+      this.#warnTimeout(connection, 'ignores x-consumer-timeout');
+  }
+
+  /**
+   * The broker will not take our consumer timeout: if the one we need is past its
+   * default, say so once per broker version, with both values and what to set.
+   */
+  #warnTimeout(connection: BrokerConnection, why: string): void {
     const wanted = this.#opts.consumerTimeoutMs;
     const version = connection.serverVersion;
     if (
       wanted === undefined ||
       wanted <= BROKER_DEFAULT_CONSUMER_TIMEOUT_MS ||
-      honoursConsumerTimeout(version)
+      this.#warnedVersion === version
     )
       return;
-    if (this.#warnedVersion === version) return;
     this.#warnedVersion = version;
     this.#log.warn(
-      { broker: version, neededMs: wanted, brokerDefaultMs: BROKER_DEFAULT_CONSUMER_TIMEOUT_MS },
-      'this RabbitMQ ignores per-consumer timeouts: set consumer_timeout in rabbitmq.conf to at least neededMs, or a delivery that waits that long is redelivered while it runs',
+      {
+        broker: version,
+        neededMs: wanted,
+        brokerDefaultMs: BROKER_DEFAULT_CONSUMER_TIMEOUT_MS,
+        queue: this.#opts.topology.queue,
+      },
+      `this RabbitMQ ${why}: give the queue a policy with consumer-timeout, or set consumer_timeout in rabbitmq.conf, of at least neededMs; else a delivery held that long is redelivered while it runs`,
     );
   }
 
@@ -425,6 +437,26 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
 
   /** Starts a consumer on the queue; its deliveries carry `channel`, the one that may settle them. */
   async #consume(channel: Channel, connection: BrokerConnection, acks: AckBatch): Promise<string> {
+    const timeoutMs = this.#timeoutRefused ? undefined : this.#opts.consumerTimeoutMs;
+    try {
+      return await this.#basicConsume(channel, connection, acks, timeoutMs);
+    } catch (err) {
+      // RabbitMQ 4.3.2 and later refuse the argument on a classic queue (406, "invalid
+      // arg"): that closed the channel; the next session consumes without it.
+      if (timeoutMs !== undefined && /x-consumer-timeout/.test((err as Error).message)) {
+        this.#timeoutRefused = true;
+        this.#warnTimeout(connection, 'refuses x-consumer-timeout on this queue');
+      }
+      throw err;
+    }
+  }
+
+  async #basicConsume(
+    channel: Channel,
+    connection: BrokerConnection,
+    acks: AckBatch,
+    timeoutMs: number | undefined,
+  ): Promise<string> {
     const { consumerTag } = await channel.consume(
       this.#opts.topology.queue,
       (message) => {
@@ -440,9 +472,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       },
       {
         noAck: false,
-        ...(this.#opts.consumerTimeoutMs === undefined
-          ? {}
-          : { arguments: { 'x-consumer-timeout': this.#opts.consumerTimeoutMs } }),
+        ...(timeoutMs === undefined ? {} : { arguments: { 'x-consumer-timeout': timeoutMs } }),
       },
     );
     return consumerTag;

@@ -5,8 +5,8 @@
 // dead-lettered by a quorum queue's delivery limit. The service owns the deadline of each
 // task (--worker-timeout), so the broker's must never fire first: from 3.12 (and 3.11.15)
 // a consumer can set its own with the `x-consumer-timeout` argument of basic.consume,
-// which beats the queue's and the broker's. Older brokers ignore it: there, say at
-// start-up what the broker's setting must be.
+// which beats the queue's and the broker's. Older brokers ignore it, and 4.3.2 and
+// later refuse it on a classic queue: there, say what the broker's setting must be.
 
 /** RabbitMQ's default consumer_timeout. */
 export const BROKER_DEFAULT_CONSUMER_TIMEOUT_MS = 30 * 60_000;
@@ -32,12 +32,14 @@ export function longestHoldMs({ workerTimeout, killGrace, perWorker }: HoldLimit
   return Math.max(1, perWorker) * (workerTimeout + killGrace) * 1000;
 }
 
-/** The x-consumer-timeout to ask for: past the longest hold, never below the broker's default. */
-export function consumerTimeoutFor(limits: HoldLimits): number {
-  return Math.min(
-    MAX_TIMEOUT_MS,
-    Math.max(BROKER_DEFAULT_CONSUMER_TIMEOUT_MS, longestHoldMs(limits) + SLACK_MS),
-  );
+/**
+ * The x-consumer-timeout to ask for, past the longest hold; undefined when the broker's
+ * default is enough (then nothing is asked: 4.3.2 and later refuse the argument on a
+ * classic queue, which costs a reconnect).
+ */
+export function consumerTimeoutFor(limits: HoldLimits): number | undefined {
+  const needed = longestHoldMs(limits) + SLACK_MS;
+  return needed <= BROKER_DEFAULT_CONSUMER_TIMEOUT_MS ? undefined : Math.min(MAX_TIMEOUT_MS, needed);
 }
 
 /** Whether a broker of this version honours x-consumer-timeout on basic.consume (3.11.15, 3.12 and later). */

@@ -54,3 +54,44 @@ for (const queueType of ['classic', 'quorum'] as const) {
     assert.equal(held.length, 0);
   });
 }
+
+for (const queueType of ['classic', 'quorum'] as const) {
+  test(`a consumer timeout the broker refuses or ignores still ends in consuming (${queueType})`, async (t) => {
+    const b = await broker(t);
+    const queue = freshName(t);
+    b.cleanup(queue, `${queue}.dead`);
+    const logs: string[] = [];
+    const logger = pino({ level: 'warn' }, { write: (line: string) => logs.push(line) });
+    const consumer = new AmqpConsumer({
+      urls: [AMQP_URL],
+      connectTimeoutMs: 10_000,
+      // An hour: past the broker's default, so it is asked for.
+      consumerTimeoutMs: 3_600_000,
+      topology: {
+        exchange: `${queue}.x`,
+        queue,
+        routingKey: 'rk',
+        queueType,
+        deliveryLimit: 0,
+        retryDelaysMs: [],
+      },
+      prefetch: 2,
+      logger,
+      onDelivery: () => {},
+    });
+    t.after(async () => {
+      await consumer.close();
+      await b.channel.deleteExchange(`${queue}.x`).catch(() => {});
+    });
+    consumer.start();
+    await waitFor('consuming', () => consumer.state === 'consuming');
+    const version = String(b.connection.connection.serverProperties.version);
+    // 4.3.2 and later refuse it on a classic queue; 3.10 ignores it: then a warning says
+    // what the broker's own setting must be.
+    const warned = logs.some((l) => l.includes('consumer-timeout') && l.includes('neededMs'));
+    t.diagnostic(`RabbitMQ ${version}, ${queueType}: ${warned ? 'warned' : 'taken'}`);
+    const refuses = queueType === 'classic' && /^4\.(3|[4-9])\./.test(version);
+    const ignores = /^3\.(10|11)\./.test(version);
+    assert.equal(warned, refuses || ignores);
+  });
+}
