@@ -44,7 +44,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 COPY package.json package-lock.json ./
 RUN npm ci --no-audit --no-fund
-COPY tsconfig.json biome.json Dockerfile docker-compose.yml .dockerignore ./
+COPY tsconfig.json biome.json Dockerfile docker-compose.yml .dockerignore README.md ./
 COPY src ./src
 COPY tasks ./tasks
 COPY test ./test
