@@ -43,6 +43,11 @@ export interface FaultProxy {
   refuse(): void;
   /** Open proxied connections now (accepted client sockets or their upstream still open, swallowed ones included). */
   readonly connections: number;
+  /**
+   * How long since the proxy last forwarded a byte, either way: a test that must not cut
+   * what the code under test has just written (an ack) waits for a quiet link first.
+   */
+  readonly quietForMs: number;
   /** Destroys every connection and timer and closes the listener. */
   close(): Promise<void>;
 }
@@ -88,6 +93,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
   let refusing = false;
   let latencyMs = 0;
   let closed = false;
+  let lastForwardedAt = performance.now();
 
   const stop = (pipe: Pipe) => {
     clearTimeout(pipe.timer);
@@ -128,6 +134,7 @@ export async function startFaultProxy(target: { host: string; port: number }): P
       to.write(chunk, () => kill(conn));
       return;
     }
+    lastForwardedAt = performance.now();
     // Backpressure: a slow reader pauses the writer instead of buffering without bound.
     if (!to.write(chunk) && !from.isPaused()) {
       from.pause();
@@ -264,6 +271,9 @@ export async function startFaultProxy(target: { host: string; port: number }): P
     },
     get connections() {
       return conns.size;
+    },
+    get quietForMs() {
+      return performance.now() - lastForwardedAt;
     },
     async close() {
       closed = true;
