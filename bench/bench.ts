@@ -7,6 +7,7 @@ import { once } from 'node:events';
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import amqp, { type ConfirmChannel } from 'amqplib';
+import { type ClusterFigures, clusterConnection, clusterPhase } from './cluster.ts';
 
 const AMQP_URL = process.env.AMQP_URL ?? 'amqp://testuser:testuser@localhost:5672/';
 const QUICK = process.argv.includes('--quick');
@@ -337,6 +338,16 @@ const mem = await memory();
 for (const q of new Set(made)) await channel.deleteQueue(q).catch(() => {});
 await connection.close();
 
+// The whole system on a 3-node cluster, when the kit's cluster answers (bench/cluster.ts).
+let cluster: ClusterFigures | undefined;
+const clusterProbe = await clusterConnection();
+if (clusterProbe === undefined)
+  log('cluster: not running (../shared/rabbitmq-versions/cluster start), skipped');
+else {
+  await clusterProbe.close();
+  cluster = await clusterPhase(log);
+}
+
 const result = {
   machine: {
     cpus: os.cpus().length,
@@ -354,6 +365,7 @@ const result = {
   latencyMs: lat,
   rawReplierLatencyMs: rawLat,
   masterRssMb: mem,
+  cluster,
   seconds: Math.round((performance.now() - started) / 1000),
 };
 
@@ -397,6 +409,28 @@ else {
     [`master RSS with a backlog of ${MEMORY_TASKS} (MB)`, f(mem.withBacklog), ''],
     ['RSS growth from 10k tasks to the end', `${(mem.growth * 100).toFixed(1)}%`, ''],
   ];
+  if (cluster !== undefined) {
+    const c = cluster;
+    rows.push(
+      ['cluster (3 nodes): raw consumer, quorum queue', `${Math.round(c.rawQuorum)}/s`, '1.000'],
+      [
+        'cluster: raw consumer, classic queue (what quorum costs)',
+        `${Math.round(c.rawClassic)}/s`,
+        (c.rawClassic / c.rawQuorum).toFixed(3),
+      ],
+      [
+        'cluster: service, quorum queue, 2 replicas × 2 workers',
+        `${Math.round(c.service)}/s`,
+        (c.service / c.rawQuorum).toFixed(3),
+      ],
+      ['cluster, one node stopped: raw consumer, quorum', `${Math.round(c.rawQuorumNodeDown)}/s`, '1.000'],
+      [
+        'cluster, one node stopped: service, 2 × 2',
+        `${Math.round(c.serviceNodeDown)}/s`,
+        (c.serviceNodeDown / c.rawQuorumNodeDown).toFixed(3),
+      ],
+    );
+  }
   const w0 = Math.max(...rows.map((r) => (r[0] as string).length));
   const w1 = Math.max(...rows.map((r) => (r[1] as string).length));
   process.stdout.write(`| measure${' '.repeat(w0 - 7)} | value${' '.repeat(w1 - 5)} | ratio |\n`);

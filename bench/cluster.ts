@@ -1,0 +1,197 @@
+// The whole-system figure (issue 15): the service on a 3-node RabbitMQ cluster, quorum
+// queue, 2 replicas × 2 workers, against a raw amqplib consumer on the same cluster
+// queue; the same with one node stopped; and what a quorum queue costs against a classic
+// one on that cluster. Run by `npm run bench` when the kit's cluster answers
+// (../shared/rabbitmq-versions/cluster start), or alone: `node bench/cluster.ts`.
+import { execFile, spawn } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { once } from 'node:events';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import amqp, { type ChannelModel, type ConfirmChannel } from 'amqplib';
+import { declareTopology } from '../src/topology.ts';
+
+const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
+const TASKS = fileURLToPath(new URL('./tasks.ts', import.meta.url));
+const KIT = fileURLToPath(new URL('../../shared/rabbitmq-versions', import.meta.url));
+const NODES = [5681, 5682, 5683].map((port) => `amqp://testuser:testuser@127.0.0.1:${port}/`);
+const N = process.argv.includes('--quick') ? 5_000 : 20_000;
+const WARM_UP = N / 4;
+const noop = Buffer.from('{"func":"noop"}');
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const run = promisify(execFile);
+
+export interface ClusterFigures {
+  rawQuorum: number;
+  rawClassic: number;
+  service: number;
+  rawQuorumNodeDown: number;
+  serviceNodeDown: number;
+}
+
+/** The cluster's first node, or undefined when the kit's cluster does not answer. */
+export async function clusterConnection(): Promise<ChannelModel | undefined> {
+  try {
+    return await amqp.connect(NODES[0] as string, { timeout: 2_000 });
+  } catch {
+    return undefined;
+  }
+}
+
+async function fill(channel: ConfirmChannel, queue: string, n: number): Promise<void> {
+  for (let i = 0; i < n; i++) {
+    if (!channel.sendToQueue(queue, noop, { persistent: true })) await once(channel, 'drain');
+    if (i % 2000 === 1999) await channel.waitForConfirms();
+  }
+  await channel.waitForConfirms();
+}
+
+/** Declared as the service declares it (quorum: its delivery limit and dead-lettering), so that it takes it as is. */
+async function declare(channel: ConfirmChannel, queue: string, type: 'quorum' | 'classic'): Promise<void> {
+  await declareTopology(channel, {
+    exchange: `${queue}.x`,
+    queue,
+    routingKey: 'curio_amqp',
+    queueType: type,
+    deliveryLimit: 10,
+    retryDelaysMs: [],
+  });
+}
+
+/** A raw amqplib consumer (prefetch 1000, ack each) draining N from `queue`: tasks/s after the warm-up. */
+async function raw(connection: ChannelModel, queue: string): Promise<number> {
+  const consumer = await connection.createChannel();
+  await consumer.prefetch(1000);
+  let got = 0;
+  let start = 0;
+  await new Promise<void>((resolve) => {
+    void consumer.consume(queue, (m) => {
+      if (m === null) return;
+      consumer.ack(m);
+      if (++got === WARM_UP) start = performance.now();
+      if (got === N) resolve();
+    });
+  });
+  const rate = (N - WARM_UP) / ((performance.now() - start) / 1000);
+  await consumer.close();
+  return rate;
+}
+
+/** `replicas` service processes with `workers` each on `queue` (quorum), all three nodes given: tasks/s. */
+async function service(queue: string, replicas: number, workers: number): Promise<number> {
+  const ports = Array.from({ length: replicas }, () => 20000 + Math.floor(Math.random() * 20000));
+  const children = ports.map((port) =>
+    spawn(
+      process.execPath,
+      [
+        CLI,
+        '--queue',
+        queue,
+        '--exchange',
+        `${queue}.x`,
+        '--queue-type',
+        'quorum',
+        '--workers',
+        String(workers),
+      ],
+      {
+        env: {
+          ...process.env,
+          AMQP_URL: NODES.join(','),
+          TASK_PATH: TASKS,
+          HTTP_PORT: String(port),
+          LOG_LEVEL: 'warn',
+        },
+        stdio: ['ignore', 'ignore', 'inherit'],
+      },
+    ),
+  );
+  const total = async () => {
+    let sum = 0;
+    for (const port of ports) {
+      const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      for (const l of text.split('\n'))
+        if (l.startsWith('amqp_concurrency_tasks_total{')) sum += Number(l.split(' ').at(-1));
+    }
+    return sum;
+  };
+  try {
+    for (const port of ports) {
+      for (;;) {
+        const ok = await fetch(`http://127.0.0.1:${port}/health`).then(
+          (r) => r.status === 200,
+          () => false,
+        );
+        if (ok) break;
+        await sleep(100);
+      }
+    }
+    let first = await total();
+    while (first < WARM_UP) {
+      await sleep(10);
+      first = await total();
+    }
+    const start = performance.now();
+    let now = first;
+    while (now < N) {
+      await sleep(50);
+      now = await total();
+    }
+    return (now - first) / ((performance.now() - start) / 1000);
+  } finally {
+    for (const child of children) child.kill('SIGTERM');
+    await Promise.all(children.map((c) => (c.exitCode === null ? once(c, 'exit') : undefined)));
+  }
+}
+
+async function ctl(node: number, ...args: string[]): Promise<void> {
+  await run(`${KIT}/bin/cluster-${node}/rabbitmqctl`, args, { timeout: 120_000 });
+}
+
+export async function clusterPhase(log: (msg: string) => void): Promise<ClusterFigures> {
+  const connection = (await clusterConnection()) as ChannelModel;
+  const channel = await connection.createConfirmChannel();
+  const made: string[] = [];
+  const fresh = async (type: 'quorum' | 'classic') => {
+    const q = `bench.cluster.${type}.${randomUUID().slice(0, 8)}`;
+    await declare(channel, q, type);
+    made.push(q, `${q}.dead`);
+    await fill(channel, q, N);
+    return q;
+  };
+  try {
+    log('cluster: raw consumer, quorum and classic queues...');
+    const rawQuorum = await raw(connection, await fresh('quorum'));
+    const rawClassic = await raw(connection, await fresh('classic'));
+    log('cluster: the service, 2 replicas × 2 workers, quorum queue...');
+    const serviceRate = await service(await fresh('quorum'), 2, 2);
+    log('cluster: the same with node 3 stopped...');
+    await ctl(3, 'stop_app');
+    try {
+      const rawQuorumNodeDown = await raw(connection, await fresh('quorum'));
+      const serviceNodeDown = await service(await fresh('quorum'), 2, 2);
+      return { rawQuorum, rawClassic, service: serviceRate, rawQuorumNodeDown, serviceNodeDown };
+    } finally {
+      await ctl(3, 'start_app');
+      await ctl(3, 'await_startup');
+    }
+  } finally {
+    for (const q of made) {
+      await channel.deleteQueue(q).catch(() => {});
+      await channel.deleteExchange(`${q}.x`).catch(() => {});
+    }
+    await connection.close().catch(() => {});
+  }
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  const probe = await clusterConnection();
+  if (probe === undefined) {
+    process.stderr.write('no cluster: start it with ../shared/rabbitmq-versions/cluster start\n');
+    process.exit(2);
+  }
+  await probe.close();
+  process.stdout.write(
+    `${JSON.stringify(await clusterPhase((m) => process.stderr.write(`${m}\n`)), null, 2)}\n`,
+  );
+}
