@@ -7,7 +7,7 @@ import { once } from 'node:events';
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import amqp, { type ConfirmChannel } from 'amqplib';
-import { type ClusterFigures, clusterConnection, clusterPhase } from './cluster.ts';
+import { type ClusterFigures, clusterConnection, clusterPhase, rawRate } from './cluster.ts';
 
 const AMQP_URL = process.env.AMQP_URL ?? 'amqp://testuser:testuser@localhost:5672/';
 const QUICK = process.argv.includes('--quick');
@@ -49,21 +49,7 @@ async function rawCeiling(): Promise<number> {
   await channel.assertQueue(queue, { durable: true });
   made.push(queue);
   await fill(queue, N, () => noopBody);
-  const consumer = await connection.createChannel();
-  await consumer.prefetch(1000);
-  let got = 0;
-  let start = 0;
-  await new Promise<void>((resolve) => {
-    void consumer.consume(queue, (m) => {
-      if (m === null) return;
-      consumer.ack(m);
-      if (++got === WARM_UP) start = performance.now();
-      if (got === N) resolve();
-    });
-  });
-  const rate = (N - WARM_UP) / ((performance.now() - start) / 1000);
-  await consumer.close();
-  return rate;
+  return rawRate(connection, queue, N, WARM_UP);
 }
 
 interface Running {

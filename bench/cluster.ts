@@ -58,8 +58,16 @@ async function declare(channel: ConfirmChannel, queue: string, type: 'quorum' | 
   });
 }
 
-/** A raw amqplib consumer (prefetch 1000, ack each) draining N from `queue`: tasks/s after the warm-up. */
-async function raw(connection: ChannelModel, queue: string): Promise<number> {
+/**
+ * A raw amqplib consumer (prefetch 1000, ack each) draining `n` from `queue`: tasks/s
+ * after the first `warmUp` (the ceiling of every ratio, here and in bench.ts).
+ */
+export async function rawRate(
+  connection: ChannelModel,
+  queue: string,
+  n: number,
+  warmUp: number,
+): Promise<number> {
   const consumer = await connection.createChannel();
   await consumer.prefetch(1000);
   let got = 0;
@@ -68,14 +76,16 @@ async function raw(connection: ChannelModel, queue: string): Promise<number> {
     void consumer.consume(queue, (m) => {
       if (m === null) return;
       consumer.ack(m);
-      if (++got === WARM_UP) start = performance.now();
-      if (got === N) resolve();
+      if (++got === warmUp) start = performance.now();
+      if (got === n) resolve();
     });
   });
-  const rate = (N - WARM_UP) / ((performance.now() - start) / 1000);
+  const rate = (n - warmUp) / ((performance.now() - start) / 1000);
   await consumer.close();
   return rate;
 }
+
+const raw = (connection: ChannelModel, queue: string) => rawRate(connection, queue, N, WARM_UP);
 
 /** `replicas` service processes with `workers` each on `queue` (quorum), all three nodes given: tasks/s. */
 async function service(queue: string, replicas: number, workers: number): Promise<number> {
