@@ -2,11 +2,15 @@
 // every delivery gets exactly one answer (ack, or requeue counted or not), whatever
 // fails on the way, and the dedupe memory never acks a message that did not run.
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import type { Channel, ConsumeMessage } from 'amqplib';
 import pino from 'pino';
 import { Registry } from 'prom-client';
 import type { Delivery } from '../../src/amqp-consumer.ts';
+import { CrashJournal, crashKey } from '../../src/crash-journal.ts';
 import { Dispatcher, type DispatcherOptions } from '../../src/dispatcher.ts';
 import { createMetrics } from '../../src/metrics.ts';
 import type { TaskRequest, TaskResult } from '../../src/pool.ts';
@@ -89,6 +93,13 @@ function world(
     },
     settled: () => new Promise<void>((resolve) => setImmediate(() => setImmediate(resolve))),
   };
+}
+
+/** A crash journal (limit 3) in a directory of its own, removed at teardown. */
+function tempJournal(t: { after: (fn: () => unknown) => void }): CrashJournal {
+  const dir = mkdtempSync(join(tmpdir(), 'journal-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  return new CrashJournal(join(dir, 'q.json'), 3);
 }
 
 /** A pool whose tasks end only when the test says: `finish` ends the latest one. */
@@ -241,13 +252,7 @@ test('an unroutable dead letter gives the original back instead of acking it', a
 });
 
 test('a message the master died on three times is dead-lettered as crashed when it comes back, unrun', async (t) => {
-  const { mkdtempSync, rmSync } = await import('node:fs');
-  const { tmpdir } = await import('node:os');
-  const { join } = await import('node:path');
-  const { CrashJournal, crashKey } = await import('../../src/crash-journal.ts');
-  const dir = mkdtempSync(join(tmpdir(), 'journal-'));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  const journal = new CrashJournal(join(dir, 'q.json'), 3);
+  const journal = tempJournal(t);
   const published: { routingKey: string; headers: Record<string, unknown> }[] = [];
   const w = world(
     async () => ok,
@@ -287,13 +292,7 @@ test('a message the master died on three times is dead-lettered as crashed when 
 });
 
 test('the last resort writes down the delivery being handled, and only then', async (t) => {
-  const { mkdtempSync, rmSync } = await import('node:fs');
-  const { tmpdir } = await import('node:os');
-  const { join } = await import('node:path');
-  const { CrashJournal, crashKey } = await import('../../src/crash-journal.ts');
-  const dir = mkdtempSync(join(tmpdir(), 'journal-'));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  const journal = new CrashJournal(join(dir, 'q.json'), 3);
+  const journal = tempJournal(t);
   const d = delivery({ func: 'add' }, { messageId: 'boom' });
   const w = world(
     () => {
