@@ -305,6 +305,34 @@ async function stopAppFault(
   return recovery;
 }
 
+/**
+ * The end of a node-loss run: waits for every task and an empty queue, then asserts what
+ * was lost (0), what ran twice (at most 0.5%), each recovery (within 10 s) and the
+ * dead-letter queue (empty).
+ */
+async function accountFor(
+  t: { diagnostic: (message: string) => void },
+  label: string,
+  queue: string,
+  path: string,
+  recoveries: number[],
+  atStart: number,
+): Promise<void> {
+  await waitFor('every task to run', () => tally(path, TASKS).lost === 0, 900_000);
+  await waitFor('the queue to be empty and settled', async () => (await messageCount(queue)) === 0, 60_000);
+  const { ran, lost, duplicates } = tally(path, TASKS);
+  t.diagnostic(
+    `${label}${ran} of ${TASKS} ran, ${lost} lost, ${duplicates} duplicate runs ` +
+      `(${((duplicates / TASKS) * 100).toFixed(2)}%), in ${((Date.now() - atStart) / 1000).toFixed(0)} s; ` +
+      `recoveries ${recoveries.map((ms) => `${(ms / 1000).toFixed(1)} s`).join(', ')}`,
+  );
+  assert.equal(lost, 0, 'every task ran');
+  assert.ok(duplicates <= TASKS * DUPLICATE_LIMIT, `duplicates ${duplicates} at most 0.5% of ${TASKS}`);
+  for (const [i, ms] of recoveries.entries())
+    assert.ok(ms <= RECOVERY_LIMIT_MS, `fault ${i + 1}: consuming again within 10 s (${ms.toFixed(0)} ms)`);
+  assert.equal(await messageCount(`${queue}.dead`), 0, 'nothing dead-lettered');
+}
+
 test('quorum queue on 3 nodes: 5,000 tasks survive stopping the leader, the connected node, and killing a node', {
   skip,
   timeout: 1_500_000,
@@ -344,19 +372,7 @@ test('quorum queue on 3 nodes: 5,000 tasks survive stopping the leader, the conn
   assert.equal(restarted.code, 0, `cluster start: ${restarted.stderr}`);
   await waitForFullCluster(queues);
 
-  await waitFor('every task to run', () => tally(path, TASKS).lost === 0, 900_000);
-  await waitFor('the queue to be empty and settled', async () => (await messageCount(queue)) === 0, 60_000);
-  const { ran, lost, duplicates } = tally(path, TASKS);
-  t.diagnostic(
-    `${ran} of ${TASKS} ran, ${lost} lost, ${duplicates} duplicate runs ` +
-      `(${((duplicates / TASKS) * 100).toFixed(2)}%), in ${((Date.now() - atStart) / 1000).toFixed(0)} s; ` +
-      `recoveries ${recoveries.map((ms) => `${(ms / 1000).toFixed(1)} s`).join(', ')}`,
-  );
-  assert.equal(lost, 0, 'every task ran');
-  assert.ok(duplicates <= TASKS * DUPLICATE_LIMIT, `duplicates ${duplicates} at most 0.5% of ${TASKS}`);
-  for (const [i, ms] of recoveries.entries())
-    assert.ok(ms <= RECOVERY_LIMIT_MS, `fault ${i + 1}: consuming again within 10 s (${ms.toFixed(0)} ms)`);
-  assert.equal(await messageCount(`${queue}.dead`), 0, 'nothing dead-lettered');
+  await accountFor(t, '', queue, path, recoveries, atStart);
 });
 
 test('three replicas on a 3-node quorum queue: node faults and one replica killed with SIGKILL, nothing lost', {
@@ -425,19 +441,7 @@ test('three replicas on a 3-node quorum queue: node faults and one replica kille
   assert.equal(restarted.code, 0, `cluster start: ${restarted.stderr}`);
   await waitForFullCluster(queues);
 
-  await waitFor('every task to run', () => tally(path, TASKS).lost === 0, 900_000);
-  await waitFor('the queue to be empty and settled', async () => (await messageCount(queue)) === 0, 60_000);
-  const { ran, lost, duplicates } = tally(path, TASKS);
-  t.diagnostic(
-    `3 replicas: ${ran} of ${TASKS} ran, ${lost} lost, ${duplicates} duplicate runs ` +
-      `(${((duplicates / TASKS) * 100).toFixed(2)}%), in ${((Date.now() - atStart) / 1000).toFixed(0)} s; ` +
-      `recoveries ${recoveries.map((ms) => `${(ms / 1000).toFixed(1)} s`).join(', ')}`,
-  );
   // A replica that acked another's redelivered work from its dedupe memory without running
-  // it would show here as a lost id.
-  assert.equal(lost, 0, 'every task ran');
-  assert.ok(duplicates <= TASKS * DUPLICATE_LIMIT, `duplicates ${duplicates} at most 0.5% of ${TASKS}`);
-  for (const [i, ms] of recoveries.entries())
-    assert.ok(ms <= RECOVERY_LIMIT_MS, `fault ${i + 1}: consuming again within 10 s (${ms.toFixed(0)} ms)`);
-  assert.equal(await messageCount(`${queue}.dead`), 0, 'nothing dead-lettered');
+  // it would show as a lost id.
+  await accountFor(t, '3 replicas: ', queue, path, recoveries, atStart);
 });
