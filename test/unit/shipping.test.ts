@@ -5,6 +5,11 @@ import { spawnSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { test } from 'node:test';
+import { ScaledObject, TriggerAuthentication } from '@kubernetes-models/keda/keda.sh/v1alpha1';
+import { PodMonitor } from '@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1';
+import { Deployment } from 'kubernetes-models/apps/v1/Deployment';
+import { Secret } from 'kubernetes-models/v1/Secret';
+import { Service } from 'kubernetes-models/v1/Service';
 import pino from 'pino';
 import { Registry } from 'prom-client';
 import { parseAllDocuments, parse as parseYaml } from 'yaml';
@@ -205,6 +210,50 @@ test('Kubernetes: probes on routes the server really serves, on the container po
   assert.equal(scaled.spec.triggers[0].type, 'rabbitmq');
   assert.equal(scaled.spec.scaleTargetRef.name, deployment.metadata.name);
   await app.close();
+});
+
+// The schemas of the APIs the manifests are for: Kubernetes' own OpenAPI and the KEDA and
+// prometheus-operator CRDs, compiled into maintained packages (kubernetes-models), so the
+// check needs no network (kubeconform fetches its schemas, and Debian does not package it).
+// Like the API server's default validation, unknown fields are not flagged; types, required
+// fields, formats and enums are.
+const SCHEMAS = [Deployment, Service, Secret, ScaledObject, TriggerAuthentication, PodMonitor];
+function validateManifest(doc: Obj): void {
+  const Model = SCHEMAS.find((m) => m.apiVersion === doc.apiVersion && m.kind === doc.kind);
+  if (!Model) throw new Error(`no schema for ${doc.apiVersion} ${doc.kind}`);
+  // biome-ignore lint/suspicious/noExplicitAny: each model takes its own kind's shape; doc is parsed YAML
+  new Model(doc as any).validate();
+}
+
+test('the Kubernetes manifests validate against the Kubernetes, KEDA and prometheus-operator schemas', () => {
+  assert.deepEqual(k8s.map((d) => d.kind).sort(), [
+    'Deployment',
+    'PodMonitor',
+    'ScaledObject',
+    'Secret',
+    'Service',
+    'TriggerAuthentication',
+  ]);
+  for (const doc of k8s) {
+    assert.doesNotThrow(() => validateManifest(doc), `${doc.kind} ${doc.metadata?.name}`);
+  }
+});
+
+test('the schema check refuses what the API server would: a wrong type, a missing field, a bad enum, an unknown kind', () => {
+  const portByName = structuredClone(deployment);
+  portByName.spec.template.spec.containers[0].ports[0].containerPort = 'http';
+  assert.throws(() => validateManifest(portByName), /containerPort must be integer/);
+  const misspelled = structuredClone(deployment);
+  misspelled.spec.template.spec.contianers = misspelled.spec.template.spec.containers;
+  delete misspelled.spec.template.spec.containers;
+  assert.throws(() => validateManifest(misspelled), /spec must have required property containers/);
+  const podMonitor = structuredClone(k8s.find((d) => d.kind === 'PodMonitor') as Obj);
+  podMonitor.spec.podMetricsEndpoints[0].scheme = 'gopher';
+  assert.throws(() => validateManifest(podMonitor), /scheme must be equal to one of the allowed values/);
+  const scaled = structuredClone(k8s.find((d) => d.kind === 'ScaledObject') as Obj);
+  scaled.spec.triggers[0].metadata = 'queueName=x';
+  assert.throws(() => validateManifest(scaled), /triggers\/0\/metadata must be object/);
+  assert.throws(() => validateManifest({ ...deployment, apiVersion: 'extensions/v1beta1' }), /no schema for/);
 });
 
 test('the dashboard and the alerts use only metrics and label values the service exports', () => {
