@@ -72,6 +72,50 @@ test('a partition: noticed by the heartbeat, every reconnect ends at its deadlin
   assert.ok(duplicates <= 2, `${duplicates} duplicates`);
 });
 
+test('one of two broker addresses goes silent: the service moves on to the other, without waiting for it to heal; nothing lost', async (t) => {
+  // A cluster node cut off from this client only (its peers still see it, so it keeps its
+  // queues): the connection to it goes quiet, and a reconnect to it again would hang too.
+  // Two proxies to the one broker stand in for two nodes.
+  const b = await broker(t);
+  const proxies = [await proxyFor(t, AMQP_URL), await proxyFor(t, AMQP_URL)];
+  const path = runsFile(t);
+  const amqpUrl = proxies.map((p) => through(p)).join(',');
+  const service = await startService(
+    t,
+    b,
+    testConfig(t, { amqpUrl, connectTimeout: 2, workers: 2, prefetch: 10 }),
+  );
+  const q = service.config.queue;
+  const on = () => proxies.find((p) => service.consumer.broker?.includes(`:${p.port}/`));
+  await publishRecords(b, q, path, 50, { options: (i) => ({ messageId: `m${i}` }) });
+  await waitFor('the first 50 to run', () => tally(path, 50).lost === 0);
+  await waitFor(
+    'every ack written',
+    () => service.dispatcher.inFlight === 0 && service.consumer.unsentAcks === 0,
+  );
+  const silent = on();
+  assert.ok(silent, `the consumer is on one of the proxies (${service.consumer.broker})`);
+  if (faultsOk) await waitFor('every ack at the broker', async () => (await unackedCount(q)) === 0);
+  else await waitFor('a quiet link', () => silent.quietForMs > 200);
+
+  silent.blackhole();
+  const cutAt = performance.now();
+  await waitFor('the heartbeat to notice', () => service.health().status === 'reconnecting', 15_000);
+  await publishRecords(b, q, path, 100, { from: 50, options: (i) => ({ messageId: `m${i}` }) });
+  await waitFor('consuming again', () => service.health().status === 'ok', 30_000);
+  const recoveryMs = performance.now() - cutAt;
+  assert.notEqual(on(), silent, 'consuming through the other address, the silent one still cut off');
+  await waitFor('all 150 to run', () => tally(path, 150).lost === 0, 30_000);
+  const { duplicates } = tally(path, 150);
+  t.diagnostic(
+    `consuming through the other address ${Math.round(recoveryMs)} ms after the cut; ${duplicates} duplicate runs`,
+  );
+  // The heartbeat window (two missed 1 s heartbeats) and at most one connect deadline (2 s)
+  // for a reconnect that tried the silent address first; the silent one never healed.
+  assert.ok(recoveryMs < 15_000, `recovered after ${Math.round(recoveryMs)} ms`);
+  assert.ok(duplicates <= 2, `${duplicates} duplicates`);
+});
+
 test('a drain while a connect hangs ends within the shutdown timeout', async (t) => {
   const b = await broker(t);
   const proxy = await proxyFor(t, AMQP_URL);
