@@ -1,36 +1,51 @@
 // The consuming connection against the real broker: the prefetch window and its changes.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { type TestContext, test } from 'node:test';
 import pino from 'pino';
-import { AmqpConsumer, type Delivery } from '../../src/amqp-consumer.ts';
+import { AmqpConsumer, type ConsumerOptions, type Delivery } from '../../src/amqp-consumer.ts';
 import { AMQP_URL, broker, freshName, waitFor } from '../helpers.ts';
+
+/**
+ * A consumer of a fresh queue of `queueType` (with prefetch 2), started; closed and its
+ * queues and exchange deleted after the test.
+ */
+async function startConsumer(
+  t: TestContext,
+  queueType: 'classic' | 'quorum',
+  options: Pick<ConsumerOptions, 'logger' | 'onDelivery' | 'consumerTimeoutMs'>,
+) {
+  const b = await broker(t);
+  const queue = freshName(t);
+  b.cleanup(queue, `${queue}.dead`);
+  const consumer = new AmqpConsumer({
+    urls: [AMQP_URL],
+    connectTimeoutMs: 10_000,
+    topology: {
+      exchange: `${queue}.x`,
+      queue,
+      routingKey: 'rk',
+      queueType,
+      deliveryLimit: 0,
+      retryDelaysMs: [],
+    },
+    prefetch: 2,
+    ...options,
+  });
+  t.after(async () => {
+    await consumer.close();
+    await b.channel.deleteExchange(`${queue}.x`).catch(() => {});
+  });
+  consumer.start();
+  return { b, queue, consumer };
+}
 
 for (const queueType of ['classic', 'quorum'] as const) {
   test(`a prefetch change binds the live consumer at once, and nothing in flight is lost (${queueType})`, async (t) => {
-    const b = await broker(t);
-    const queue = freshName(t);
-    b.cleanup(queue, `${queue}.dead`);
     const held: Delivery[] = [];
-    const consumer = new AmqpConsumer({
-      urls: [AMQP_URL],
-      connectTimeoutMs: 10_000,
-      topology: {
-        exchange: `${queue}.x`,
-        queue,
-        routingKey: 'rk',
-        queueType,
-        deliveryLimit: 0,
-        retryDelaysMs: [],
-      },
-      prefetch: 2,
+    const { b, queue, consumer } = await startConsumer(t, queueType, {
       logger: pino({ level: process.env.TEST_LOG_LEVEL ?? 'silent' }),
       onDelivery: (delivery) => held.push(delivery),
     });
-    t.after(async () => {
-      await consumer.close();
-      await b.channel.deleteExchange(`${queue}.x`).catch(() => {});
-    });
-    consumer.start();
     await waitFor('consuming', () => consumer.state === 'consuming');
     for (let i = 0; i < 10; i++) await b.send(queue, { func: 'add', args: [i, 0] });
     await waitFor('two deliveries', () => held.length === 2);
@@ -57,33 +72,14 @@ for (const queueType of ['classic', 'quorum'] as const) {
 
 for (const queueType of ['classic', 'quorum'] as const) {
   test(`a consumer timeout the broker refuses or ignores still ends in consuming (${queueType})`, async (t) => {
-    const b = await broker(t);
-    const queue = freshName(t);
-    b.cleanup(queue, `${queue}.dead`);
     const logs: string[] = [];
     const logger = pino({ level: 'warn' }, { write: (line: string) => logs.push(line) });
-    const consumer = new AmqpConsumer({
-      urls: [AMQP_URL],
-      connectTimeoutMs: 10_000,
+    const { b, consumer } = await startConsumer(t, queueType, {
       // An hour: past the broker's default, so it is asked for.
       consumerTimeoutMs: 3_600_000,
-      topology: {
-        exchange: `${queue}.x`,
-        queue,
-        routingKey: 'rk',
-        queueType,
-        deliveryLimit: 0,
-        retryDelaysMs: [],
-      },
-      prefetch: 2,
       logger,
       onDelivery: () => {},
     });
-    t.after(async () => {
-      await consumer.close();
-      await b.channel.deleteExchange(`${queue}.x`).catch(() => {});
-    });
-    consumer.start();
     await waitFor('consuming', () => consumer.state === 'consuming');
     const version = String(b.connection.connection.serverProperties.version);
     // 4.3.2 and later refuse it on a classic queue; 3.10 ignores it: then a warning says
