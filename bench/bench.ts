@@ -1,13 +1,14 @@
 // `npm run bench`: the service against the raw amqplib consumer, measured in the same run
 // on the same broker, so that the figures are ratios a noisy shared machine can keep.
 // Prints a table, or JSON with --json; --quick runs smaller batches.
-import { type ChildProcess, fork, spawn } from 'node:child_process';
+import { fork } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import amqp, { type ConfirmChannel } from 'amqplib';
 import { type ClusterFigures, clusterConnection, clusterPhase, rawRate } from './cluster.ts';
+import { rateUntil, type ServiceProcess, sleep, startServiceProcess } from './service-process.ts';
 
 const AMQP_URL = process.env.AMQP_URL ?? 'amqp://testuser:testuser@localhost:5672/';
 const QUICK = process.argv.includes('--quick');
@@ -21,11 +22,8 @@ const MEMORY_TASKS = QUICK ? 40_000 : 200_000;
  * prefetch window, and the figure is meant to be the rate it runs at.
  */
 const WARM_UP = N / 4;
-const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
-const TASKS = fileURLToPath(new URL('./tasks.ts', import.meta.url));
 const RAW_REPLIER = fileURLToPath(new URL('./raw-replier.ts', import.meta.url));
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const log = (msg: string) => {
   if (!JSON_OUT) process.stderr.write(`${msg}\n`);
 };
@@ -52,59 +50,19 @@ async function rawCeiling(): Promise<number> {
   return rawRate(connection, queue, N, WARM_UP);
 }
 
-interface Running {
-  child: ChildProcess;
-  port: number;
-  queue: string;
-  metrics: () => Promise<string>;
-  total: () => Promise<number>;
-  stop: () => Promise<void>;
-}
-
-async function startService(workers: number, queue: string, extra: string[] = []): Promise<Running> {
+async function startService(workers: number, queue: string, extra: string[] = []): Promise<ServiceProcess> {
   await channel.assertQueue(queue, { durable: true });
   made.push(queue, `${queue}.dead`);
-  const port = 20000 + Math.floor(Math.random() * 20000);
-  const child = spawn(
-    process.execPath,
-    [
-      CLI,
-      '--queue',
-      queue,
-      '--exchange',
-      `${queue}.x`,
-      '--workers',
-      String(workers),
-      '--task-path',
-      TASKS,
-      '--http-port',
-      String(port),
-      ...extra,
-    ],
-    { env: { ...process.env, AMQP_URL, LOG_LEVEL: 'warn' }, stdio: ['ignore', 'ignore', 'inherit'] },
-  );
-  const metrics = async () => (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  const total = async () =>
-    (await metrics())
-      .split('\n')
-      .filter((l) => l.startsWith('amqp_concurrency_tasks_total{'))
-      .reduce((sum, l) => sum + Number(l.split(' ').at(-1)), 0);
-  for (;;) {
-    try {
-      if ((await fetch(`http://127.0.0.1:${port}/health`)).status === 200) break;
-    } catch {}
-    await sleep(50);
-  }
+  const service = await startServiceProcess({ amqpUrl: AMQP_URL, queue, workers, extra });
   const stop = async () => {
-    child.kill('SIGTERM');
-    await once(child, 'exit');
+    await service.stop();
     await channel.deleteExchange(`${queue}.x`).catch(() => {});
   };
-  return { child, port, queue, metrics, total, stop };
+  return { ...service, stop };
 }
 
 /** The raw amqplib replier of bench/raw-replier.ts, the latency reference. */
-async function rawReplier(queue: string): Promise<Pick<Running, 'stop'>> {
+async function rawReplier(queue: string): Promise<Pick<ServiceProcess, 'stop'>> {
   await channel.assertQueue(queue, { durable: true });
   made.push(queue);
   const child = fork(RAW_REPLIER, [AMQP_URL, queue], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
@@ -117,35 +75,13 @@ async function rawReplier(queue: string): Promise<Pick<Running, 'stop'>> {
   };
 }
 
-/** Waits until the service has `n` outcomes; returns tasks per second after the warm-up. */
-async function rateUntil(service: Running, n: number, pollMs = 25): Promise<number> {
-  let first = await service.total();
-  while (first < WARM_UP) {
-    await sleep(5);
-    first = await service.total();
-  }
-  const start = performance.now();
-  // Each poll is a scrape of the master, so not too often; the moment the n-th outcome
-  // came is interpolated between the last two polls instead of rounded up to a poll.
-  let before = { at: start, total: first };
-  for (;;) {
-    await sleep(pollMs);
-    const now = { total: await service.total(), at: performance.now() };
-    if (now.total >= n) {
-      const end = before.at + ((now.at - before.at) * (n - before.total)) / (now.total - before.total);
-      return (n - first) / ((end - start) / 1000);
-    }
-    before = now;
-  }
-}
-
 /** Tiny tasks: the queue is filled first, then the service drains it. */
 async function tiny(workers: number): Promise<number> {
   const queue = `bench.tiny${workers}.${randomUUID().slice(0, 8)}`;
   await channel.assertQueue(queue, { durable: true });
   await fill(queue, N, () => noopBody);
   const service = await startService(workers, queue);
-  const rate = await rateUntil(service, N);
+  const rate = await rateUntil(service.total, N, WARM_UP);
   await service.stop();
   return rate;
 }
@@ -253,7 +189,7 @@ async function latency(against: 'service' | 'raw', fixedRate?: number) {
 }
 
 async function memory() {
-  const rss = async (s: Running) => {
+  const rss = async (s: ServiceProcess) => {
     const line = (await s.metrics()).split('\n').find((l) => l.startsWith('process_resident_memory_bytes '));
     return Number(line?.split(' ')[1]) / 2 ** 20;
   };

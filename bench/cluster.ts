@@ -3,22 +3,20 @@
 // queue; the same with one node stopped; and what a quorum queue costs against a classic
 // one on that cluster. Run by `npm run bench` when the kit's cluster answers
 // (../shared/rabbitmq-versions/cluster start), or alone: `node bench/cluster.ts`.
-import { execFile, spawn } from 'node:child_process';
+import { execFile } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import amqp, { type ChannelModel, type ConfirmChannel } from 'amqplib';
 import { declareTopology } from '../src/topology.ts';
+import { rateUntil, startServiceProcess } from './service-process.ts';
 
-const CLI = fileURLToPath(new URL('../src/cli.ts', import.meta.url));
-const TASKS = fileURLToPath(new URL('./tasks.ts', import.meta.url));
 const KIT = fileURLToPath(new URL('../../shared/rabbitmq-versions', import.meta.url));
 const NODES = [5681, 5682, 5683].map((port) => `amqp://testuser:testuser@127.0.0.1:${port}/`);
 const N = process.argv.includes('--quick') ? 5_000 : 20_000;
 const WARM_UP = N / 4;
 const noop = Buffer.from('{"func":"noop"}');
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const run = promisify(execFile);
 
 export interface ClusterFigures {
@@ -89,68 +87,17 @@ const raw = (connection: ChannelModel, queue: string) => rawRate(connection, que
 
 /** `replicas` service processes with `workers` each on `queue` (quorum), all three nodes given: tasks/s. */
 async function service(queue: string, replicas: number, workers: number): Promise<number> {
-  const ports = Array.from({ length: replicas }, () => 20000 + Math.floor(Math.random() * 20000));
-  const children = ports.map((port) =>
-    spawn(
-      process.execPath,
-      [
-        CLI,
-        '--queue',
-        queue,
-        '--exchange',
-        `${queue}.x`,
-        '--queue-type',
-        'quorum',
-        '--workers',
-        String(workers),
-      ],
-      {
-        env: {
-          ...process.env,
-          AMQP_URL: NODES.join(','),
-          TASK_PATH: TASKS,
-          HTTP_PORT: String(port),
-          LOG_LEVEL: 'warn',
-        },
-        stdio: ['ignore', 'ignore', 'inherit'],
-      },
+  // Started together, so that the warm-up covers every replica's start.
+  const started = await Promise.all(
+    Array.from({ length: replicas }, () =>
+      startServiceProcess({ amqpUrl: NODES.join(','), queue, workers, extra: ['--queue-type', 'quorum'] }),
     ),
   );
-  const total = async () => {
-    let sum = 0;
-    for (const port of ports) {
-      const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-      for (const l of text.split('\n'))
-        if (l.startsWith('amqp_concurrency_tasks_total{')) sum += Number(l.split(' ').at(-1));
-    }
-    return sum;
-  };
   try {
-    for (const port of ports) {
-      for (;;) {
-        const ok = await fetch(`http://127.0.0.1:${port}/health`).then(
-          (r) => r.status === 200,
-          () => false,
-        );
-        if (ok) break;
-        await sleep(100);
-      }
-    }
-    let first = await total();
-    while (first < WARM_UP) {
-      await sleep(10);
-      first = await total();
-    }
-    const start = performance.now();
-    let now = first;
-    while (now < N) {
-      await sleep(50);
-      now = await total();
-    }
-    return (now - first) / ((performance.now() - start) / 1000);
+    const total = async () => (await Promise.all(started.map((s) => s.total()))).reduce((a, b) => a + b, 0);
+    return await rateUntil(total, N, WARM_UP, 50);
   } finally {
-    for (const child of children) child.kill('SIGTERM');
-    await Promise.all(children.map((c) => (c.exitCode === null ? once(c, 'exit') : undefined)));
+    await Promise.all(started.map((s) => s.stop()));
   }
 }
 
