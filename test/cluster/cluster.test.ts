@@ -305,6 +305,31 @@ async function stopAppFault(
   return recovery;
 }
 
+/** Kills `node`'s VM outright (SIGKILL), measures the recovery, brings it back and waits for the full cluster. */
+async function killNodeFault(
+  t: TestContext,
+  label: string,
+  node: Node,
+  ports: number[],
+  path: string,
+  queues: string[],
+): Promise<number> {
+  assertUnderLoad(path, label);
+  const killedAt = performance.now();
+  const killed = await cluster('kill', String(node));
+  assert.equal(killed.code, 0, `cluster kill ${node}: ${killed.stderr}`);
+  const recovery = await recoveredAfter(ports, path, killedAt);
+  t.diagnostic(
+    `${label}: kill node ${node}; consuming again ${recovery.toFixed(0)} ms after the kill, ` +
+      `connected to node ${await connectedNode(ports[0] as number)} ` +
+      `(${TASKS - tally(path, TASKS).ran} tasks not yet run)`,
+  );
+  const restarted = await cluster('start');
+  assert.equal(restarted.code, 0, `cluster start: ${restarted.stderr}`);
+  await waitForFullCluster(queues);
+  return recovery;
+}
+
 /**
  * The end of a node-loss run: waits for every task and an empty queue, then asserts what
  * was lost (0), what ran twice (at most 0.5%), each recovery (within 10 s) and the
@@ -358,19 +383,9 @@ test('quorum queue on 3 nodes: 5,000 tasks survive stopping the leader, the conn
   recoveries.push(await stopAppFault(t, 'fault 2 (connected node)', connected, [port], path, queues));
 
   // 3. A node's process killed outright (SIGKILL): the queue leader now, no goodbye at all.
-  const victim = await leaderOf(queue);
-  const killedAt = performance.now();
-  const killed = await cluster('kill', String(victim));
-  assert.equal(killed.code, 0, `cluster kill ${victim}: ${killed.stderr}`);
-  const recovery3 = await recoveredAfter([port], path, killedAt);
-  t.diagnostic(
-    `fault 3 (kill node ${victim}, the queue leader; connected to node ${await connectedNode(port)}): ` +
-      `consuming again ${recovery3.toFixed(0)} ms after the kill (${TASKS - tally(path, TASKS).ran} tasks not yet run)`,
+  recoveries.push(
+    await killNodeFault(t, 'fault 3 (the queue leader)', await leaderOf(queue), [port], path, queues),
   );
-  recoveries.push(recovery3);
-  const restarted = await cluster('start');
-  assert.equal(restarted.code, 0, `cluster start: ${restarted.stderr}`);
-  await waitForFullCluster(queues);
 
   await accountFor(t, '', queue, path, recoveries, atStart);
 });
@@ -426,20 +441,16 @@ test('three replicas on a 3-node quorum queue: node faults and one replica kille
   );
 
   // 4. The node of the third replica, killed outright.
-  const victim = await connectedNode(third.port);
-  assertUnderLoad(path, 'fault 3');
-  const nodeKilledAt = performance.now();
-  const killed = await cluster('kill', String(victim));
-  assert.equal(killed.code, 0, `cluster kill ${victim}: ${killed.stderr}`);
-  const recovery3 = await recoveredAfter(livePorts, path, nodeKilledAt);
-  t.diagnostic(
-    `fault 3 (kill node ${victim}, a replica's node): consuming again ${recovery3.toFixed(0)} ms after the kill ` +
-      `(${tally(path, TASKS).lost} tasks not yet run)`,
+  recoveries.push(
+    await killNodeFault(
+      t,
+      "fault 3 (a replica's node)",
+      await connectedNode(third.port),
+      livePorts,
+      path,
+      queues,
+    ),
   );
-  recoveries.push(recovery3);
-  const restarted = await cluster('start');
-  assert.equal(restarted.code, 0, `cluster start: ${restarted.stderr}`);
-  await waitForFullCluster(queues);
 
   // A replica that acked another's redelivered work from its dedupe memory without running
   // it would show as a lost id.
