@@ -232,12 +232,29 @@ interface TestContext {
   diagnostic: (message: string) => void;
 }
 
+interface Replica {
+  cli: SpawnedCli;
+  port: number;
+}
+
+/**
+ * A node-loss run: the cluster required, a fresh queue (with its `.dead`), the file its
+ * tasks record their runs in, and the list its replicas go into, for the teardown.
+ */
+function startRun(t: TestContext): { queue: string; queues: string[]; path: string; replicas: Replica[] } {
+  requireCluster();
+  const queue = freshName(t);
+  const replicas: Replica[] = [];
+  teardown(t, queue, replicas);
+  return { queue, queues: [queue, `${queue}.dead`], path: runsFile(t), replicas };
+}
+
 /**
  * At teardown, pass or fail: brings every node back, stops the test's replicas (t.after hooks
  * run in the order they were added, so spawnCli's own would come too late: a replica still
  * consuming would declare the queues again), and deletes the test's queues.
  */
-function teardown(t: TestContext, queue: string, replicas: { cli: SpawnedCli }[]): void {
+function teardown(t: TestContext, queue: string, replicas: Replica[]): void {
   t.after(async () => {
     await restoreCluster();
     for (const { cli } of replicas) {
@@ -253,11 +270,7 @@ function teardown(t: TestContext, queue: string, replicas: { cli: SpawnedCli }[]
 }
 
 /** Spawns one service replica on the cluster and returns it with its HTTP port once healthy. */
-async function startReplica(
-  t: TestContext,
-  queue: string,
-  workers: number,
-): Promise<{ cli: SpawnedCli; port: number }> {
+async function startReplica(t: TestContext, queue: string, workers: number): Promise<Replica> {
   const cli = spawnCli(
     t,
     cliArgs(queue, ['--amqp-url', ALL_URLS, '--queue-type', 'quorum', '--workers', String(workers)]),
@@ -280,10 +293,15 @@ function assertUnderLoad(path: string, label: string): void {
   );
 }
 
-/** Stops `node`'s app, measures the recovery, starts it again and waits for the full cluster. */
-async function stopAppFault(
+/**
+ * Takes `node` down (`stop_app`: its app stops and closes its connections; `kill`: its VM
+ * is killed with SIGKILL, no goodbye at all), measures the recovery, brings it back and
+ * waits for the full cluster.
+ */
+async function nodeFault(
   t: TestContext,
   label: string,
+  how: 'stop_app' | 'kill',
   node: Node,
   ports: number[],
   path: string,
@@ -291,41 +309,17 @@ async function stopAppFault(
 ): Promise<number> {
   assertUnderLoad(path, label);
   const issued = performance.now();
-  const stopped = await ctl(node, 'stop_app');
-  const stopMs = performance.now() - issued;
-  assert.equal(stopped.code, 0, `stop_app on node ${node}: ${stopped.stderr}`);
+  const down = how === 'stop_app' ? await ctl(node, 'stop_app') : await cluster('kill', String(node));
+  const commandMs = performance.now() - issued;
+  assert.equal(down.code, 0, `${how} node ${node}: ${down.stderr}`);
   const recovery = await recoveredAfter(ports, path, issued);
   t.diagnostic(
-    `${label}: stop_app node ${node} (the command took ${stopMs.toFixed(0)} ms); consuming again ` +
-      `${recovery.toFixed(0)} ms after it was issued (${TASKS - tally(path, TASKS).ran} tasks not yet run)`,
-  );
-  const started = await ctl(node, 'start_app');
-  assert.equal(started.code, 0, `start_app on node ${node}: ${started.stderr}`);
-  await waitForFullCluster(queues);
-  return recovery;
-}
-
-/** Kills `node`'s VM outright (SIGKILL), measures the recovery, brings it back and waits for the full cluster. */
-async function killNodeFault(
-  t: TestContext,
-  label: string,
-  node: Node,
-  ports: number[],
-  path: string,
-  queues: string[],
-): Promise<number> {
-  assertUnderLoad(path, label);
-  const killedAt = performance.now();
-  const killed = await cluster('kill', String(node));
-  assert.equal(killed.code, 0, `cluster kill ${node}: ${killed.stderr}`);
-  const recovery = await recoveredAfter(ports, path, killedAt);
-  t.diagnostic(
-    `${label}: kill node ${node}; consuming again ${recovery.toFixed(0)} ms after the kill, ` +
-      `connected to node ${await connectedNode(ports[0] as number)} ` +
+    `${label}: ${how} node ${node} (the command took ${commandMs.toFixed(0)} ms); consuming again ` +
+      `${recovery.toFixed(0)} ms after it was issued, connected to node ${await connectedNode(ports[0] as number)} ` +
       `(${TASKS - tally(path, TASKS).ran} tasks not yet run)`,
   );
-  const restarted = await cluster('start');
-  assert.equal(restarted.code, 0, `cluster start: ${restarted.stderr}`);
+  const back = how === 'stop_app' ? await ctl(node, 'start_app') : await cluster('start');
+  assert.equal(back.code, 0, `bringing node ${node} back after ${how}: ${back.stderr}`);
   await waitForFullCluster(queues);
   return recovery;
 }
@@ -362,29 +356,26 @@ test('quorum queue on 3 nodes: 5,000 tasks survive stopping the leader, the conn
   skip,
   timeout: 1_500_000,
 }, async (t) => {
-  requireCluster();
-  const queue = freshName(t);
-  const queues = [queue, `${queue}.dead`];
-  const replicas: { cli: SpawnedCli; port: number }[] = [];
-  teardown(t, queue, replicas);
-  const path = runsFile(t);
+  const { queue, queues, path, replicas } = startRun(t);
   replicas.push(await startReplica(t, queue, 4));
-  const { port } = replicas[0] as { port: number };
+  const { port } = replicas[0] as Replica;
   await publishAll(queue, path);
   const recoveries: number[] = [];
   const atStart = Date.now();
 
   // 1. The node that leads the queue: its app stops (connections closed, leadership moves).
   const leader = await leaderOf(queue);
-  recoveries.push(await stopAppFault(t, 'fault 1 (queue leader)', leader, [port], path, queues));
+  recoveries.push(await nodeFault(t, 'fault 1 (queue leader)', 'stop_app', leader, [port], path, queues));
 
   // 2. The node the service is connected to.
   const connected = await connectedNode(port);
-  recoveries.push(await stopAppFault(t, 'fault 2 (connected node)', connected, [port], path, queues));
+  recoveries.push(
+    await nodeFault(t, 'fault 2 (connected node)', 'stop_app', connected, [port], path, queues),
+  );
 
   // 3. A node's process killed outright (SIGKILL): the queue leader now, no goodbye at all.
   recoveries.push(
-    await killNodeFault(t, 'fault 3 (the queue leader)', await leaderOf(queue), [port], path, queues),
+    await nodeFault(t, 'fault 3 (the queue leader)', 'kill', await leaderOf(queue), [port], path, queues),
   );
 
   await accountFor(t, '', queue, path, recoveries, atStart);
@@ -394,18 +385,9 @@ test('three replicas on a 3-node quorum queue: node faults and one replica kille
   skip,
   timeout: 1_500_000,
 }, async (t) => {
-  requireCluster();
-  const queue = freshName(t);
-  const queues = [queue, `${queue}.dead`];
-  const replicas: { cli: SpawnedCli; port: number }[] = [];
-  teardown(t, queue, replicas);
-  const path = runsFile(t);
+  const { queue, queues, path, replicas } = startRun(t);
   for (let i = 0; i < 3; i++) replicas.push(await startReplica(t, queue, 2));
-  const [first, second, third] = replicas as [
-    (typeof replicas)[0],
-    (typeof replicas)[0],
-    (typeof replicas)[0],
-  ];
+  const [first, second, third] = replicas as [Replica, Replica, Replica];
   await publishAll(queue, path);
   const atStart = Date.now();
   const recoveries: number[] = [];
@@ -413,7 +395,7 @@ test('three replicas on a 3-node quorum queue: node faults and one replica kille
 
   // 1. The queue leader's app stops, under all three replicas.
   recoveries.push(
-    await stopAppFault(t, 'fault 1 (queue leader)', await leaderOf(queue), allPorts, path, queues),
+    await nodeFault(t, 'fault 1 (queue leader)', 'stop_app', await leaderOf(queue), allPorts, path, queues),
   );
 
   // 2. A replica is killed outright mid-run: what it had taken and not acked is the others' now.
@@ -430,9 +412,10 @@ test('three replicas on a 3-node quorum queue: node faults and one replica kille
 
   // 3. The node the first replica is connected to.
   recoveries.push(
-    await stopAppFault(
+    await nodeFault(
       t,
       'fault 2 (node of a replica)',
+      'stop_app',
       await connectedNode(first.port),
       livePorts,
       path,
@@ -442,9 +425,10 @@ test('three replicas on a 3-node quorum queue: node faults and one replica kille
 
   // 4. The node of the third replica, killed outright.
   recoveries.push(
-    await killNodeFault(
+    await nodeFault(
       t,
       "fault 3 (a replica's node)",
+      'kill',
       await connectedNode(third.port),
       livePorts,
       path,
