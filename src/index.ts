@@ -4,20 +4,24 @@ export {
   type AnyTasks,
   type CallOptions,
   Client,
-  ClientError,
-  type ClientErrorCode,
   type ClientOptions,
   createClient,
-  type FailureKind,
   type SendOptions,
   type TaskArgs,
-  TaskCallError,
   type TaskModule,
   type TaskName,
   type TaskResult,
-} from './client.ts';
-export type { Config } from './config.ts';
-export { parseConfig } from './config.ts';
-export { ServiceError } from './errors.ts';
-export { Service } from './service.ts';
-export { currentTask, type TaskInfo } from './task-context.ts';
+} from './client/client.ts';
+export type { Config } from './config/options.ts';
+export { parseConfig } from './config/options.ts';
+export {
+  ClientError,
+  type ClientErrorCode,
+  type ErrorCode,
+  type FailureKind,
+  ServiceError,
+  TaskCallError,
+} from './errors.ts';
+export { Service } from './service/service.ts';
+export { type TaskOptions, task } from './worker/task.ts';
+export { currentTask, type TaskContext, type TaskInfo } from './worker/task-context.ts';

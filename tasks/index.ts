@@ -3,7 +3,7 @@
 //   {"func": "sleep", "args": [0.5]}          -> sleeps, then null
 // Copy this file, point --task-path at your copy, and export your own functions. Tasks
 // should be idempotent: delivery is at least once (see the README).
-import { currentTask } from '../src/task-context.ts';
+import { currentTask } from '../src/worker/task-context.ts';
 
 /** The Python tool's own example: returns a + b. */
 export function test(a: number, b: number): number {

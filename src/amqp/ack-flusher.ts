@@ -1,0 +1,192 @@
+// The acks of one channel, and when they go out. AckBatch (ack-batch.ts) decides which
+// frames cover the acks made; this decides when to send them: at the end of the turn once
+// enough wait (a quarter of the prefetch window, see prefetch.ts), else within
+// ACK_DELAY_MS. Each ack frame is a write and a wake-up of the broker; an ack that waits
+// a moment costs only window, which the threshold bounds. A flusher belongs to one
+// session: once stopped (its channel gone), it sends nothing more, and what it held is
+// the broker's to redeliver.
+//
+// Fences. An ack written to the socket is not an ack the broker has: a link that went
+// silent swallows it, and the message comes back after the reconnect although it ran. So
+// after acks go out the flusher makes a cheap synchronous round trip on the same channel
+// (the fence: basic.qos with the prefetch in force). The broker handles a channel's frames
+// in order, so the answer proves that every ack written before it arrived: those are
+// confirmed. Acks not yet covered by an answered fence are uncertain, and when the
+// session ends the consumer reports them (their redeliveries are then acked unrun). A
+// fence not answered within its deadline means the link is dead, in either direction:
+// the session is ended at once instead of after two missed heartbeats. So that a silence
+// is noticed just as soon when no ack happens to be going out (a lull between bursts),
+// a fence is also sent when none has been for FENCE_PROBE_MS.
+import type { Channel, ConsumeMessage } from 'amqplib';
+import { AckBatch } from './ack-batch.ts';
+
+/** How long an ack may wait to go out with others. */
+const ACK_DELAY_MS = 1;
+/** How long a delivery may hold back the acks above it before they go out alone (see #flushTimed). */
+const ACK_HOLD_MS = 5;
+/** How long acks wait for a fence after the last one, at most: fences are one at a time and batch what came meanwhile. */
+const FENCE_EVERY_MS = 25;
+/** A fence at least this often while the session lives, acks or not: a silent link is noticed in a lull too. */
+const FENCE_PROBE_MS = 2_000;
+
+export interface Fence {
+  /** The round trip (a synchronous method on the channel whose answer follows the acks). */
+  run: () => Promise<unknown>;
+  /** These tags' acks are proven to have reached the broker. */
+  onConfirmed: (tags: number[]) => void;
+  /** A fence went unanswered past its deadline: the link is dead. */
+  onUnanswered: (waitedMs: number) => void;
+}
+
+/** The deadline of a fence: 20 round trips, from 3 s to 8 s (noticed within 10 s under load). */
+export function fenceDeadlineMs(roundTripMs: number | undefined): number {
+  return Math.min(8_000, Math.max(3_000, 20 * (roundTripMs ?? 0)));
+}
+
+export class AckFlusher {
+  readonly #channel: Channel;
+  readonly #batch = new AckBatch();
+  /** Acks waiting that make a flush worth it at once. */
+  #flushAt: number;
+  #soon: NodeJS.Immediate | undefined;
+  #later: NodeJS.Timeout | undefined;
+  /** The lowest unsettled delivery at the last timed flush, and since when it has been. */
+  #lowest: { tag: number | undefined; since: number } = { tag: undefined, since: 0 };
+  #stopped = false;
+  readonly #fence: Fence | undefined;
+  /** Tags written since the last fence was sent: the next fence covers them. */
+  #unfenced: number[] = [];
+  #fenceTimer: NodeJS.Timeout | undefined;
+  #fenceDeadline: NodeJS.Timeout | undefined;
+  #fenceInFlight = false;
+  /** A moving average of fence round trips. */
+  #roundTripMs: number | undefined;
+  #probe: NodeJS.Timeout | undefined;
+  #lastFenceAt = performance.now();
+
+  constructor(channel: Channel, flushAt: number, fence?: Fence) {
+    this.#channel = channel;
+    this.#flushAt = flushAt;
+    this.#fence = fence;
+    if (fence !== undefined) {
+      this.#probe = setInterval(() => {
+        if (!this.#fenceInFlight && performance.now() - this.#lastFenceAt >= FENCE_PROBE_MS)
+          this.#sendFence(true);
+      }, FENCE_PROBE_MS / 2);
+      this.#probe.unref();
+    }
+  }
+
+  /** The measured fence round trip, once one was answered. */
+  get roundTripMs(): number | undefined {
+    return this.#roundTripMs;
+  }
+
+  set flushAt(count: number) {
+    this.#flushAt = count;
+  }
+
+  /** Acks made and not yet written to the socket (they go out within a few ms). */
+  get pending(): number {
+    return this.#batch.pending;
+  }
+
+  delivered(tag: number): void {
+    this.#batch.delivered(tag);
+  }
+
+  ack(tag: number): void {
+    if (this.#stopped) return;
+    this.#batch.ack(tag);
+    if (this.#batch.pending >= this.#flushAt) this.#soon ??= setImmediate(() => this.flush(true));
+    else this.#later ??= setTimeout(() => this.#flushTimed(), ACK_DELAY_MS);
+  }
+
+  /** A tag settled otherwise, at once (nack, reject): it no longer holds back a multiple ack. */
+  settled(tag: number): void {
+    this.#batch.settled(tag);
+  }
+
+  /**
+   * The timed flush: a multiple ack for what it can cover, and the acks held above a
+   * delivery still running go out alone only once that delivery has been the lowest
+   * unsettled for ACK_HOLD_MS: a task that long is not about to finish, and must not hold
+   * the window shut. Tasks queued behind a short one finish first and are covered.
+   */
+  #flushTimed(): void {
+    this.#later = undefined;
+    const lowest = this.#batch.lowestUnsettled;
+    const now = performance.now();
+    if (lowest !== this.#lowest.tag) this.#lowest = { tag: lowest, since: now };
+    this.flush(now - this.#lowest.since < ACK_HOLD_MS);
+  }
+
+  /** Sends the acks made so far; `holdBack` keeps those above a delivery still running. */
+  flush(holdBack = false): void {
+    clearImmediate(this.#soon);
+    this.#soon = undefined;
+    if (!holdBack) {
+      clearTimeout(this.#later);
+      this.#later = undefined;
+    }
+    if (this.#stopped) return;
+    const { upTo, singles, sent } = this.#batch.take({ holdBack });
+    if (this.#batch.pending > 0) this.#later ??= setTimeout(() => this.#flushTimed(), ACK_DELAY_MS);
+    // amqplib reads only the delivery tag of the message it is given.
+    if (upTo !== undefined) this.#channel.ack({ fields: { deliveryTag: upTo } } as ConsumeMessage, true);
+    for (const tag of singles) this.#channel.ack({ fields: { deliveryTag: tag } } as ConsumeMessage, false);
+    if (sent.length > 0 && this.#fence !== undefined) {
+      for (const tag of sent) this.#unfenced.push(tag);
+      this.#fenceSoon();
+    }
+  }
+
+  /** A fence soon, unless one is on its way: its answer sends the next one for what came meanwhile. */
+  #fenceSoon(): void {
+    if (this.#fenceInFlight || this.#fenceTimer !== undefined || this.#stopped) return;
+    this.#fenceTimer = setTimeout(() => this.#sendFence(), FENCE_EVERY_MS);
+  }
+
+  #sendFence(probe = false): void {
+    this.#fenceTimer = undefined;
+    const fence = this.#fence;
+    if (fence === undefined || this.#stopped || (this.#unfenced.length === 0 && !probe)) return;
+    this.#lastFenceAt = performance.now();
+    const covered = this.#unfenced;
+    this.#unfenced = [];
+    this.#fenceInFlight = true;
+    const sentAt = performance.now();
+    const deadlineMs = fenceDeadlineMs(this.#roundTripMs);
+    this.#fenceDeadline = setTimeout(() => {
+      if (!this.#stopped) fence.onUnanswered(performance.now() - sentAt);
+    }, deadlineMs);
+    fence.run().then(
+      () => {
+        clearTimeout(this.#fenceDeadline);
+        this.#fenceInFlight = false;
+        if (this.#stopped) return;
+        const ms = performance.now() - sentAt;
+        this.#roundTripMs = this.#roundTripMs === undefined ? ms : this.#roundTripMs * 0.8 + ms * 0.2;
+        if (covered.length > 0) fence.onConfirmed(covered);
+        if (this.#unfenced.length > 0) this.#fenceSoon();
+      },
+      () => {
+        // The channel is closing: the session's end reports what was not confirmed.
+        clearTimeout(this.#fenceDeadline);
+        this.#fenceInFlight = false;
+      },
+    );
+  }
+
+  /** The channel has gone: nothing more is sent, and no timer is left behind. */
+  stop(): void {
+    this.#stopped = true;
+    clearImmediate(this.#soon);
+    clearTimeout(this.#later);
+    clearTimeout(this.#fenceTimer);
+    clearTimeout(this.#fenceDeadline);
+    clearInterval(this.#probe);
+    this.#soon = undefined;
+    this.#later = undefined;
+  }
+}

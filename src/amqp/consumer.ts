@@ -1,0 +1,575 @@
+// The consuming connection, after rabbitmq-client's Consumer: ack discipline lives here
+// and nowhere else. A delivery is settled only by the session that delivered it, and
+// never once that session has ended (RabbitMQ answers a stale tag with a 406 that closes
+// the channel and requeues everything on it). A lost connection, a closed channel or a
+// consumer cancelled by the broker is followed by a reconnect with backoff, forever.
+//
+// Why our own loop rather than amqplib's opt-in recovery (connect(..., { recovery })):
+// that wrapper reconnects and re-runs a setup function, but it hands back new channels
+// behind the old objects, so a delivery cannot tell the channel it came from, and ack
+// discipline (never settle a tag from a closed channel) needs exactly that. It also does
+// not see a consumer cancelled by the broker, and says nothing /health can use. Here a
+// session (session.ts) is connection + channel + consumer + its acks; anything that ends
+// it starts the next one with jittered backoff, and each delivery carries its session.
+import { EventEmitter } from 'node:events';
+import type { ConsumeMessage } from 'amqplib';
+import type { Logger } from 'pino';
+import { ServiceError } from '../errors.ts';
+import { backoffDelay } from '../util/backoff.ts';
+import { AddressList, type BrokerConnection, isLoginRefused, openConnection, userOf } from './connection.ts';
+import {
+  BROKER_DEFAULT_CONSUMER_TIMEOUT_MS,
+  consumerTimeoutPolicyCommand,
+  honoursConsumerTimeout,
+  isConsumerTimeoutClose,
+  sendsConsumerTimeout,
+} from './consumer-timeout.ts';
+import { ackFlushThreshold } from './prefetch.ts';
+import { ConsumerSession } from './session.ts';
+import { type ConsumerTimeoutDeclared, declareTopology, type Topology } from './topology.ts';
+import { redactUrl } from './url.ts';
+
+/** A session that ended, as the owner of its deliveries hears of it. */
+export interface LostSession {
+  session: ConsumerSession;
+  /**
+   * Deliveries acked on it whose acks no fence proved to have arrived: the broker may
+   * give them again, and those must be acked without running again.
+   */
+  uncertain: ConsumeMessage[];
+}
+
+export interface Delivery {
+  message: ConsumeMessage;
+  /** The session that delivered it: the only one that may settle it. */
+  session: ConsumerSession;
+}
+
+export type ConsumerState = 'connecting' | 'consuming' | 'reconnecting' | 'cancelled' | 'closed';
+
+export interface ConsumerOptions {
+  /** The broker addresses; each reconnect moves on to the next. */
+  urls: readonly string[];
+  /** The list to take them from, when shared with the publisher (an account list; see connection.ts). */
+  addresses?: AddressList;
+  /** The deadline of each step of getting a session up (see connection.ts). */
+  connectTimeoutMs: number;
+  topology: Topology;
+  prefetch: number;
+  logger: Logger;
+  onDelivery: (delivery: Delivery) => void;
+  /** A session that delivered has ended: its unsettled deliveries are the broker's again. */
+  onChannelLost?: (lost: LostSession) => void;
+  /** A session is consuming: what else should live on its connection (the control exchange's listener). */
+  onConsuming?: (connection: BrokerConnection) => void;
+  reconnect?: { initialMs: number; maxMs: number };
+}
+
+type ConsumerEvents = {
+  state: [state: ConsumerState];
+  reconnected: [];
+  fatal: [err: ServiceError];
+};
+
+export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
+  readonly #opts: ConsumerOptions;
+  readonly #addresses: AddressList;
+  readonly #log: Logger;
+  #state: ConsumerState = 'connecting';
+  /** The live session: the one whose deliveries may be settled. */
+  #session: ConsumerSession | undefined;
+  #stopping = false;
+  #wake: (() => void) | undefined;
+  #loop: Promise<void> | undefined;
+  #prefetch: number;
+  /** A prefetch change in progress (the consumer being replaced); changes run one at a time. */
+  #swapping: Promise<void> = Promise.resolve();
+  /** The address of the attempt under way, for the log and a refused login. */
+  #attempting: string | undefined;
+  /** Logins refused in a row (see #loginRefused). */
+  #refusals = 0;
+  #warnedVersion: string | undefined;
+  /** The broker refused x-consumer-timeout on this queue: consume without it from now on. */
+  #timeoutRefused = false;
+  /** Said once: the queue keeps the x-consumer-timeout it was declared with. */
+  #saidTimeoutKept = false;
+  /** Aborted when stopping: a connect in progress is given up at once. */
+  readonly #stop = new AbortController();
+  #saidConsumerTimeout = false;
+  /** Consuming is paused (the master holds too much): sessions keep their channel but no consumer. */
+  #paused = false;
+
+  constructor(opts: ConsumerOptions) {
+    super();
+    this.#opts = opts;
+    this.#prefetch = opts.prefetch;
+    this.#addresses = opts.addresses ?? new AddressList(opts.urls);
+    this.#log = opts.logger.child({ component: 'consumer' });
+  }
+
+  get state(): ConsumerState {
+    return this.#state;
+  }
+
+  /** The prefetch in force (and applied again on every reconnect). */
+  get prefetch(): number {
+    return this.#prefetch;
+  }
+
+  /**
+   * Changes the prefetch, for the live consumer now and on every later session. basic.qos
+   * (per consumer) binds only consumers started after it, so a live consumer is replaced:
+   * a new one starts under the new limit, then the old one is cancelled. Both deliver on
+   * the same channel, whose tags stay valid, so nothing in flight is disturbed.
+   */
+  setPrefetch(count: number): Promise<void> {
+    this.#prefetch = count;
+    if (this.#session !== undefined) this.#session.acks.flushAt = ackFlushThreshold(count);
+    this.#swapping = this.#swapping.then(() => this.#swapConsumer(count));
+    return this.#swapping;
+  }
+
+  async #swapConsumer(count: number): Promise<void> {
+    const session = this.#session;
+    const oldTag = session?.consumerTag;
+    if (session === undefined || oldTag === undefined || this.#stopping) return;
+    const { connection, channel } = session;
+    try {
+      await connection.step('setting the prefetch', () => channel.prefetch(count));
+      if (this.#session !== session || this.#stopping) return;
+      session.consumerTag = await connection.step('starting a consumer', () => this.#consume(session));
+      await connection.step('cancelling the old consumer', () => channel.cancel(oldTag));
+    } catch (err) {
+      // The channel is going: the next session applies the new prefetch.
+      this.#log.warn({ err }, 'changing the prefetch failed');
+    }
+  }
+
+  /** Whether consuming is paused (see pause()). */
+  get paused(): boolean {
+    return this.#paused;
+  }
+
+  /**
+   * Stops new deliveries for now (basic.cancel) and keeps the channel, so that what is in
+   * flight is still settled on it; resume() starts a consumer again. Used when the master
+   * holds more bytes than its budget: the broker keeps the rest.
+   */
+  pause(): void {
+    if (this.#paused) return;
+    this.#paused = true;
+    this.#swapping = this.#swapping.then(async () => {
+      const session = this.#session;
+      const tag = session?.consumerTag;
+      if (session === undefined || tag === undefined || !this.#paused) return;
+      session.consumerTag = undefined;
+      await session.connection
+        .step('pausing the consumer', () => session.channel.cancel(tag))
+        .catch((err) => this.#log.warn({ err }, 'pausing the consumer failed'));
+    });
+  }
+
+  resume(): void {
+    if (!this.#paused) return;
+    this.#paused = false;
+    this.#swapping = this.#swapping.then(async () => {
+      const session = this.#session;
+      if (session === undefined || session.consumerTag !== undefined || this.#paused || this.#stopping)
+        return;
+      try {
+        // The prefetch may have changed while paused: basic.qos binds the consumer started next.
+        await session.connection.step('setting the prefetch', () => session.channel.prefetch(this.#prefetch));
+        session.consumerTag = await session.connection.step('resuming the consumer', () =>
+          this.#consume(session),
+        );
+      } catch (err) {
+        this.#log.warn({ err }, 'resuming the consumer failed');
+      }
+    });
+  }
+
+  get connected(): boolean {
+    return this.#session !== undefined && !this.#session.connection.isClosed;
+  }
+
+  /** Acks made and not yet written to the socket (they go out within a few ms). */
+  get unsentAcks(): number {
+    return this.#session?.acks.pending ?? 0;
+  }
+
+  /** The broker node of the live session (no password), for /health and logs. */
+  get broker(): string | undefined {
+    return this.#session?.address;
+  }
+
+  /** True while the broker has blocked this connection (a resource alarm). */
+  get blocked(): boolean {
+    return this.#session?.connection.blocked ?? false;
+  }
+
+  /** Starts connecting in the background; progress shows in `state`, failures that retry will not help in 'fatal'. */
+  start(): void {
+    this.#loop ??= this.#run();
+  }
+
+  /** Acks on the delivering session; false when that session has ended (the broker redelivers). */
+  ack(delivery: Delivery): boolean {
+    if (!this.#isLive(delivery)) return false;
+    delivery.session.ack(delivery.message);
+    return true;
+  }
+
+  /**
+   * Gives the message back to the queue. Not counted (a drain, a shrinking window, a
+   * task not started) is `basic.nack`; counted (the message's own fault: a crash, a
+   * timeout or a settlement that failed, when it could not be dead-lettered) is
+   * `basic.reject`, which from RabbitMQ 4.3 is the only one a quorum queue's delivery
+   * limit counts (before 4.3 both count).
+   */
+  requeue(delivery: Delivery, counted = false): boolean {
+    if (!this.#isLive(delivery)) return false;
+    const { session, message } = delivery;
+    session.acks.settled(message.fields.deliveryTag);
+    if (counted) session.channel.reject(message, true);
+    else session.channel.nack(message, false, true);
+    return true;
+  }
+
+  /** Whether the session that delivered it is the live one: only then may it be settled. */
+  isLive(delivery: Delivery): boolean {
+    return delivery.session === this.#session;
+  }
+
+  #isLive(delivery: Delivery): boolean {
+    const live = this.isLive(delivery);
+    if (!live) {
+      this.#log.debug(
+        { deliveryTag: delivery.message.fields.deliveryTag },
+        'not settling: its channel has closed',
+      );
+    }
+    return live;
+  }
+
+  /** Stops new deliveries (basic.cancel) but keeps the channel open to settle what is in flight. */
+  async cancel(): Promise<void> {
+    this.#stopping = true;
+    this.#stop.abort(new Error('connecting was abandoned: the service is stopping'));
+    this.#wake?.();
+    await this.#swapping;
+    const session = this.#session;
+    const tag = session?.consumerTag;
+    if (session !== undefined && tag !== undefined) {
+      session.consumerTag = undefined;
+      // Bounded: on a half-dead connection the cancel-ok may never come; then the
+      // connection is destroyed and the broker requeues on its own.
+      await session.connection
+        .step('cancelling the consumer', () => session.channel.cancel(tag))
+        .catch((err) => this.#log.warn({ err }, 'cancelling the consumer failed'));
+    }
+    this.#setState('cancelled');
+  }
+
+  async close(): Promise<void> {
+    this.#stopping = true;
+    this.#stop.abort(new Error('connecting was abandoned: the service is stopping'));
+    this.#wake?.();
+    const session = this.#session;
+    if (session !== undefined) {
+      // Send the acks still waiting for their turn before the channel goes.
+      session.acks.flush();
+      this.#drop(session, false);
+      // The channel first: amqplib muxes each channel's frames separately, so a
+      // connection close can overtake acks still queued on the channel, and the broker
+      // would requeue messages we finished. Closing the channel sends its close after its
+      // own acks.
+      await session.connection.step('closing the channel', () => session.channel.close()).catch(() => {});
+      await session.connection.close();
+    }
+    // A session still connecting ends at its own deadline; the loop sees #stopping.
+    await this.#loop;
+    this.#setState('closed');
+  }
+
+  #setState(state: ConsumerState): void {
+    if (this.#state === state) return;
+    this.#state = state;
+    this.emit('state', state);
+  }
+
+  async #run(): Promise<void> {
+    let attempt = 0;
+    let everConsumed = false;
+    while (!this.#stopping) {
+      try {
+        const { ended } = await this.#open();
+        if (this.#stopping) break;
+        if (everConsumed) this.emit('reconnected');
+        everConsumed = true;
+        attempt = 0;
+        const reason = await ended;
+        if (this.#stopping) break;
+        this.#log.warn({ reason }, 'lost the broker; reconnecting');
+      } catch (err) {
+        if (err instanceof ServiceError && err.code === 'ERR_TOPOLOGY') {
+          this.emit('fatal', err);
+          return;
+        }
+        if (this.#stopping) break;
+        const url = this.#attempting;
+        if (url !== undefined && isLoginRefused(err)) this.#loginRefused(url, err);
+        else this.#log.warn({ err, broker: url && redactUrl(url) }, 'cannot reach the broker');
+      }
+      this.#setState(everConsumed ? 'reconnecting' : 'connecting');
+      attempt++;
+      // With several brokers the next one is tried at once; the backoff grows per round.
+      const round = Math.ceil(attempt / this.#addresses.size);
+      const delay =
+        attempt % this.#addresses.size !== 0 && this.#addresses.size > 1
+          ? 0
+          : backoffDelay(round, this.#opts.reconnect ?? { initialMs: 200, maxMs: 15_000 });
+      await this.#sleep(delay);
+    }
+  }
+
+  /**
+   * Connects, opens a channel, declares and consumes, each step under the connect
+   * deadline; resolves with a promise of the reason the session ends. A failed step
+   * destroys the connection: the next attempt starts clean.
+   */
+  async #open(): Promise<{ ended: Promise<string> }> {
+    const url = this.#addresses.next();
+    this.#attempting = url;
+    const connection = await openConnection(
+      url,
+      { purpose: 'consume', connectTimeoutMs: this.#opts.connectTimeoutMs, logger: this.#log },
+      this.#stop.signal,
+    );
+    let session: ConsumerSession | undefined;
+    const ended = new Promise<string>((resolve) => {
+      connection.once('closed', (reason) => {
+        if (session !== undefined) this.#drop(session, true);
+        resolve(reason);
+      });
+    });
+    try {
+      if (this.#stopping) {
+        await connection.close();
+        return { ended };
+      }
+      const channel = await connection.step('opening a channel', () => connection.model.createChannel());
+      channel.on('error', (err) => {
+        if (isConsumerTimeoutClose(String((err as Error).message))) this.#consumerTimedOut(err);
+        else this.#log.warn({ err }, 'channel closed by an error');
+      });
+      channel.on('close', () => {
+        if (session !== undefined) this.#drop(session, true);
+        // The connection may live on, but one clean path back is simplest: start over.
+        void connection.close();
+      });
+      const declared = await connection.step('declaring the topology', () =>
+        declareTopology(channel, this.#opts.topology, {
+          version: connection.serverVersion,
+          openChannel: () => connection.model.createChannel(),
+        }),
+      );
+      this.#sayTimeoutKept(declared);
+      await connection.step('setting the prefetch', () => channel.prefetch(this.#prefetch));
+      if (this.#stopping) {
+        await connection.close();
+        return { ended };
+      }
+      session = new ConsumerSession(connection, channel, ackFlushThreshold(this.#prefetch), {
+        // basic.qos with the prefetch in force: cheap, answered in order after the acks.
+        run: () => channel.prefetch(this.#prefetch),
+        onUnanswered: (waitedMs) => {
+          this.#log.warn(
+            { waitedMs: Math.round(waitedMs), broker: connection.address },
+            'an ack fence went unanswered: the link is dead; reconnecting',
+          );
+          connection.destroy('an ack fence went unanswered');
+        },
+      });
+      this.#session = session;
+      const live = session;
+      // Paused (the master holds too much): the session is up, and resume() consumes.
+      if (this.#paused) {
+        this.#setState('consuming');
+        return { ended };
+      }
+      const consumerTag = await connection.step('starting the consumer', () => this.#consume(live));
+      if (this.#stopping) {
+        // A drain began while basic.consume was on its way: cancel() found no consumer to
+        // cancel, so cancel this one now, or it would keep delivering into a draining
+        // dispatcher that hands everything straight back.
+        await connection.step('cancelling the consumer', () => channel.cancel(consumerTag)).catch(() => {});
+        return { ended };
+      }
+      session.consumerTag = consumerTag;
+    } catch (err) {
+      connection.destroy('giving up on this attempt');
+      throw err;
+    }
+    this.#refusals = 0;
+    this.#setState('consuming');
+    this.#warnIfTimeoutIgnored(connection);
+    this.#log.info(
+      { queue: this.#opts.topology.queue, prefetch: this.#prefetch, broker: connection.address },
+      'consuming',
+    );
+    this.#opts.onConsuming?.(connection);
+    return { ended };
+  }
+
+  /**
+   * The session has ended (its channel or its connection): forget it. When it had
+   * delivered, tell the owner: its deliveries that have not started are the broker's again.
+   */
+  #drop(session: ConsumerSession, lost: boolean): void {
+    const wasLive = this.#session === session;
+    if (wasLive) this.#session = undefined;
+    if (session.drop() && wasLive && lost)
+      this.#opts.onChannelLost?.({ session, uncertain: session.uncertain });
+  }
+
+  /**
+   * The broker refused the login. With an account list the next account is tried at once;
+   * once every address has been refused, one error line says what to do, and the retries
+   * after it (with backoff, in case the user is created meanwhile) say nothing more.
+   */
+  #loginRefused(url: string, err: unknown): void {
+    this.#addresses.refused(url);
+    this.#refusals++;
+    const size = this.#addresses.size;
+    if (this.#refusals < size) {
+      this.#log.info(
+        { broker: redactUrl(url) },
+        `the broker refused the login of ${userOf(url)}; trying the next`,
+      );
+      return;
+    }
+    if (this.#refusals > size) {
+      this.#log.debug({ err, broker: redactUrl(url) }, 'login refused again');
+      return;
+    }
+    const message = this.#addresses.isAccounts
+      ? `RabbitMQ refused every default login (${this.#addresses.all.map(userOf).join(', then ')}): give --amqp-url (AMQP_URL) with a user it has, or create testuser (npm run setup:broker); retrying quietly`
+      : `RabbitMQ refused the login of ${userOf(url)}${size > 1 ? ' on every address' : ''}: check the user and password in --amqp-url (AMQP_URL); retrying quietly`;
+    this.#log.error({ broker: redactUrl(url), err }, message);
+  }
+
+  /**
+   * The broker's consumer timeout closed the channel while a delivery was still held: its
+   * messages come back while their tasks run (they are adopted, not run again: see the
+   * dispatcher). Said once, as an error, with the value the queue needs and the command.
+   */
+  #consumerTimedOut(err: unknown): void {
+    if (this.#saidConsumerTimeout) return;
+    this.#saidConsumerTimeout = true;
+    const needed = this.#opts.topology.consumerTimeoutMs ?? BROKER_DEFAULT_CONSUMER_TIMEOUT_MS;
+    const queue = this.#opts.topology.queue;
+    this.#log.error(
+      { err, queue, neededMs: needed, fix: consumerTimeoutPolicyCommand(queue, needed) },
+      `the broker's consumer timeout closed the channel while a task ran: give queue ${queue} a consumer timeout of at least ${needed} ms (the policy command is in "fix"), or raise consumer_timeout in rabbitmq.conf`,
+    );
+  }
+
+  /**
+   * The work queue was declared before with another x-consumer-timeout, or none (an
+   * earlier --worker-timeout, an older version of the service): RabbitMQ never changes a
+   * queue's arguments. The one on basic.consume beats it, so this is said once, as news.
+   */
+  #sayTimeoutKept(declared: ConsumerTimeoutDeclared): void {
+    if (declared !== 'kept' || this.#saidTimeoutKept) return;
+    this.#saidTimeoutKept = true;
+    const { queue, consumerTimeoutMs } = this.#opts.topology;
+    this.#log.info(
+      { queue, consumerTimeoutMs },
+      'the queue keeps the x-consumer-timeout it was declared with (a queue never changes its arguments); this consumer asks for consumerTimeoutMs on basic.consume, which takes precedence',
+    );
+  }
+
+  /** A broker older than 3.11.15 ignores x-consumer-timeout: say so (see #warnTimeout). */
+  #warnIfTimeoutIgnored(connection: BrokerConnection): void {
+    if (!honoursConsumerTimeout(connection.serverVersion))
+      this.#warnTimeout(connection, 'ignores x-consumer-timeout');
+  }
+
+  /**
+   * The broker will not take our consumer timeout: if the one we need is past its
+   * default, say so once per broker version, with both values and what to set.
+   */
+  #warnTimeout(connection: BrokerConnection, why: string): void {
+    const wanted = this.#opts.topology.consumerTimeoutMs;
+    const version = connection.serverVersion;
+    if (
+      wanted === undefined ||
+      wanted <= BROKER_DEFAULT_CONSUMER_TIMEOUT_MS ||
+      this.#warnedVersion === version
+    )
+      return;
+    this.#warnedVersion = version;
+    this.#log.warn(
+      {
+        broker: version,
+        neededMs: wanted,
+        brokerDefaultMs: BROKER_DEFAULT_CONSUMER_TIMEOUT_MS,
+        queue: this.#opts.topology.queue,
+      },
+      `this RabbitMQ ${why}: give the queue a policy with consumer-timeout, or set consumer_timeout in rabbitmq.conf, of at least neededMs; else a delivery held that long is redelivered while it runs`,
+    );
+  }
+
+  /** Starts a consumer on the queue; its deliveries carry `session`, the one that may settle them. */
+  async #consume(session: ConsumerSession): Promise<string> {
+    const { consumerTimeoutMs, queueType } = this.#opts.topology;
+    const timeoutMs =
+      this.#timeoutRefused || !sendsConsumerTimeout(session.connection.serverVersion, queueType)
+        ? undefined
+        : consumerTimeoutMs;
+    try {
+      return await this.#basicConsume(session, timeoutMs);
+    } catch (err) {
+      // RabbitMQ 4.3.2 and later refuse the argument on a classic queue (406, "invalid
+      // arg"): that closed the channel; the next session consumes without it.
+      if (timeoutMs !== undefined && /x-consumer-timeout/.test((err as Error).message)) {
+        this.#timeoutRefused = true;
+        this.#warnTimeout(session.connection, 'refuses x-consumer-timeout on this queue');
+      }
+      throw err;
+    }
+  }
+
+  async #basicConsume(session: ConsumerSession, timeoutMs: number | undefined): Promise<string> {
+    const { consumerTag } = await session.channel.consume(
+      this.#opts.topology.queue,
+      (message) => {
+        if (message === null) {
+          // The broker cancelled us (the queue was deleted, a node went away, or from
+          // RabbitMQ 4.3 a consumer_timeout on a quorum queue): set up again.
+          this.#log.warn('the broker cancelled the consumer; setting up again');
+          void session.connection.close();
+          return;
+        }
+        session.acks.delivered(message.fields.deliveryTag);
+        this.#opts.onDelivery({ message, session });
+      },
+      {
+        noAck: false,
+        ...(timeoutMs === undefined ? {} : { arguments: { 'x-consumer-timeout': timeoutMs } }),
+      },
+    );
+    return consumerTag;
+  }
+
+  #sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      function done() {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.#wake = done;
+    });
+  }
+}

@@ -1,0 +1,302 @@
+// The producer side: send a task (confirmed by the broker) or call one and await its
+// result through RabbitMQ's direct reply-to. Types flow from the task module:
+//
+//   import type * as tasks from '../tasks/index.ts';
+//   const client = await createClient<typeof tasks>();
+//   const sum = await client.call('test', [1, 2]);   // number; a wrong argument is a compile error
+//
+// One connection and one confirm channel per client. Messages are published persistent
+// and mandatory, so a message that no queue would take is an error, not a silent drop.
+// A lost connection is not reopened: everything pending rejects with ERR_CLIENT_CLOSED
+// and the caller makes a new client.
+import { randomUUID } from 'node:crypto';
+import { context, propagation } from '@opentelemetry/api';
+import type { ChannelModel, ConfirmChannel, ConsumeMessage, Options } from 'amqplib';
+import pino from 'pino';
+import { AddressList, openFirst } from '../amqp/connection.ts';
+import { BROKER_DEFAULTS, DEFAULT_URLS } from '../amqp/defaults.ts';
+import { splitUrls } from '../amqp/url.ts';
+import { ClientError, type FailureKind, TaskCallError } from '../errors.ts';
+
+// biome-ignore lint/suspicious/noExplicitAny: task signatures are the caller's; any keeps them open
+type AnyTask = (...args: any[]) => unknown;
+/** A task module's type, as `typeof import('./tasks.ts')` gives it. */
+export type TaskModule = object;
+/** The client's types when no task module is given: any name, any arguments, an unknown result. */
+export type AnyTasks = Record<string, AnyTask>;
+/** The names a message can call: the module's exported functions (never `default`). */
+export type TaskName<T> = Exclude<
+  { [K in keyof T]-?: T[K] extends AnyTask ? K : never }[keyof T],
+  'default'
+> &
+  string;
+export type TaskArgs<T, K extends keyof T> = T[K] extends AnyTask ? Parameters<T[K]> : never;
+export type TaskResult<T, K extends keyof T> = T[K] extends AnyTask ? Awaited<ReturnType<T[K]>> : never;
+
+export interface ClientOptions {
+  /**
+   * Default: as the service's, testuser on localhost, then RabbitMQ's own guest account
+   * there. A heartbeat of 10 s is added unless given. A comma-separated list of URLs (a
+   * cluster) is tried in a shuffled order.
+   */
+  url?: string;
+  /** The deadline of the TCP connect and AMQP handshake with each broker (default 10 s). */
+  connectTimeoutMs?: number;
+  /** Default: curio_amqp_exchange, as the service's. */
+  exchange?: string;
+  /** Default: curio_amqp, as the service's. */
+  routingKey?: string;
+}
+
+export interface SendOptions {
+  /** Default: a random UUID. The service uses it to recognise a redelivered message. */
+  messageId?: string;
+  replyTo?: string;
+  correlationId?: string;
+  headers?: Record<string, unknown>;
+  /** 0 to 255; higher runs first (README "Priorities"). */
+  priority?: number;
+  /** Run no earlier than this many ms from now: the `x-delay` header (README "Delayed tasks"). */
+  delayMs?: number;
+}
+
+export interface CallOptions {
+  /** How long to wait for the result, from the call on (default 30 s). */
+  timeoutMs?: number;
+  messageId?: string;
+  priority?: number;
+  delayMs?: number;
+  headers?: Record<string, unknown>;
+}
+
+const REPLY_TO = 'amq.rabbitmq.reply-to';
+const KINDS: readonly string[] = ['failed', 'timeout', 'crashed', 'rejected', 'cancelled'];
+
+type Settle = (err: Error | undefined, result?: unknown) => void;
+
+export class Client<T extends TaskModule = AnyTasks> {
+  readonly exchange: string;
+  readonly routingKey: string;
+  readonly #connection: ChannelModel;
+  readonly #channel: ConfirmChannel;
+  /** Calls waiting for their reply, by correlation id. */
+  readonly #pending = new Map<string, Settle>();
+  /** Message ids the broker returned as unroutable; their confirm follows the return. */
+  readonly #returned = new Set<string>();
+  #replies: Promise<unknown> | undefined;
+  /** Set once the client can no longer publish: why. */
+  #closed: ClientError | undefined;
+  /** The last error the broker gave for the channel or connection (say, a missing exchange). */
+  #lastError: Error | undefined;
+
+  constructor(connection: ChannelModel, channel: ConfirmChannel, exchange: string, routingKey: string) {
+    this.#connection = connection;
+    this.#channel = channel;
+    this.exchange = exchange;
+    this.routingKey = routingKey;
+    const remember = (err: Error) => {
+      this.#lastError = err;
+    };
+    connection.on('error', remember);
+    channel.on('error', remember);
+    const lost = (what: string) => () => {
+      const why = this.#lastError === undefined ? '' : `: ${this.#lastError.message}`;
+      this.#shut(new ClientError('ERR_CLIENT_CLOSED', `the ${what} to the broker closed${why}`));
+    };
+    connection.on('close', lost('connection'));
+    channel.on('close', lost('channel'));
+    channel.on('return', (m: ConsumeMessage) => {
+      if (typeof m.properties.messageId === 'string') this.#returned.add(m.properties.messageId);
+    });
+  }
+
+  /** Publishes the task and resolves with its message id once the broker has confirmed it. */
+  async send<K extends TaskName<T>>(
+    func: K,
+    args: TaskArgs<T, K>,
+    kwargs?: Record<string, unknown>,
+    options: SendOptions = {},
+  ): Promise<string> {
+    const messageId = options.messageId ?? randomUUID();
+    const body = JSON.stringify(kwargs === undefined ? { func, args } : { func, args, kwargs });
+    const properties: Options.Publish = {
+      persistent: true,
+      mandatory: true,
+      contentType: 'application/json',
+      messageId,
+    };
+    if (options.replyTo !== undefined) properties.replyTo = options.replyTo;
+    if (options.correlationId !== undefined) properties.correlationId = options.correlationId;
+    if (options.headers !== undefined) properties.headers = options.headers;
+    // The caller's active trace, when its OpenTelemetry SDK registered a propagator (the
+    // API's default one writes nothing): the task's span becomes its child.
+    const carrier: Record<string, string> = {};
+    propagation.inject(context.active(), carrier);
+    if (carrier.traceparent !== undefined) properties.headers = { ...carrier, ...properties.headers };
+    if (options.priority !== undefined) {
+      if (!Number.isSafeInteger(options.priority) || options.priority < 0 || options.priority > 255)
+        throw new RangeError(`priority must be a whole number from 0 to 255 (got ${options.priority})`);
+      properties.priority = options.priority;
+    }
+    if (options.delayMs !== undefined) {
+      if (!Number.isFinite(options.delayMs) || options.delayMs < 0 || options.delayMs > 2 ** 32 - 1)
+        throw new RangeError(
+          `delayMs must be a number of ms from 0 to ${2 ** 32 - 1} (got ${options.delayMs})`,
+        );
+      properties.headers = { ...properties.headers, 'x-delay': Math.ceil(options.delayMs) };
+    }
+    await this.#publish(Buffer.from(body), messageId, properties);
+    return messageId;
+  }
+
+  #publish(content: Buffer, messageId: string, properties: Options.Publish): Promise<void> {
+    if (this.#closed !== undefined) return Promise.reject(this.#closed);
+    return new Promise<void>((resolve, reject) => {
+      const confirmed = (err: unknown) => {
+        // The broker sends basic.return before the ack of the same message.
+        if (this.#returned.delete(messageId)) {
+          reject(
+            new ClientError(
+              'ERR_UNROUTABLE',
+              `no queue is bound to exchange "${this.exchange}" with routing key "${this.routingKey}": the broker dropped the message`,
+            ),
+          );
+        } else if (err) {
+          const cause = this.#lastError ?? err;
+          const why = this.#lastError?.message ?? (err instanceof Error ? err.message : String(err));
+          reject(
+            new ClientError('ERR_NOT_CONFIRMED', `the broker did not confirm the message: ${why}`, { cause }),
+          );
+        } else resolve();
+      };
+      try {
+        this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
+      } catch (err) {
+        // amqplib throws at once on a channel that has closed.
+        reject(this.#closed ?? new ClientError('ERR_CLIENT_CLOSED', 'the channel is closed', { cause: err }));
+      }
+    });
+  }
+
+  /**
+   * Runs the task and resolves with its result. Rejects with a TaskCallError whose `kind`
+   * is the outcome when the task did not succeed, and with a ClientError (ERR_CALL_TIMEOUT,
+   * ERR_UNROUTABLE, ...) when no result can come.
+   */
+  async call<K extends TaskName<T>>(
+    func: K,
+    args: TaskArgs<T, K>,
+    kwargs?: Record<string, unknown>,
+    options: CallOptions = {},
+  ): Promise<TaskResult<T, K>> {
+    const timeoutMs = options.timeoutMs ?? 30_000;
+    if (this.#closed !== undefined) throw this.#closed;
+    // Direct reply-to: the pseudo-queue is consumed (no ack) on this channel before any
+    // publish that names it; one consumer serves every call, told apart by correlation id.
+    this.#replies ??= this.#channel
+      .consume(REPLY_TO, (m) => this.#onReply(m), { noAck: true })
+      .catch((err: unknown) => {
+        this.#replies = undefined;
+        throw this.#closed ?? err;
+      });
+    await this.#replies;
+
+    const correlationId = randomUUID();
+    const { promise, resolve, reject } = Promise.withResolvers<unknown>();
+    // The reply can come before the confirm (or instead of it, when the channel closes
+    // in between); it is awaited below, so mark it handled to keep it from counting as
+    // an unhandled rejection meanwhile.
+    promise.catch(() => {});
+    const timer = setTimeout(() => {
+      this.#pending.delete(correlationId);
+      reject(
+        new ClientError(
+          'ERR_CALL_TIMEOUT',
+          `no result for ${func} within ${timeoutMs} ms (the task may still run)`,
+        ),
+      );
+    }, timeoutMs);
+    this.#pending.set(correlationId, (err, result) => {
+      clearTimeout(timer);
+      this.#pending.delete(correlationId);
+      if (err === undefined) resolve(result);
+      else reject(err);
+    });
+    try {
+      await this.send(func, args, kwargs, {
+        replyTo: REPLY_TO,
+        correlationId,
+        ...(options.messageId === undefined ? {} : { messageId: options.messageId }),
+        ...(options.priority === undefined ? {} : { priority: options.priority }),
+        ...(options.delayMs === undefined ? {} : { delayMs: options.delayMs }),
+        ...(options.headers === undefined ? {} : { headers: options.headers }),
+      });
+    } catch (err) {
+      this.#pending.get(correlationId)?.(err as Error);
+    }
+    return (await promise) as TaskResult<T, K>;
+  }
+
+  #onReply(m: ConsumeMessage | null): void {
+    if (m === null) {
+      this.#shut(new ClientError('ERR_CLIENT_CLOSED', 'the broker cancelled the reply consumer'));
+      return;
+    }
+    const settle = this.#pending.get(String(m.properties.correlationId));
+    if (settle === undefined) return; // a call that timed out already
+    let reply: unknown;
+    try {
+      reply = JSON.parse(m.content.toString());
+    } catch (err) {
+      settle(new ClientError('ERR_BAD_REPLY', 'the reply is not JSON', { cause: err }));
+      return;
+    }
+    const r = reply as { ok?: unknown; result?: unknown; error?: { kind?: unknown; message?: unknown } };
+    if (r.ok === true) settle(undefined, r.result);
+    else if (r.ok === false && typeof r.error?.kind === 'string' && KINDS.includes(r.error.kind))
+      settle(new TaskCallError(r.error.kind as FailureKind, String(r.error.message ?? '')));
+    else settle(new ClientError('ERR_BAD_REPLY', 'the reply is not {"ok": true, ...} or {"ok": false, ...}'));
+  }
+
+  /** Ends every pending call with `reason`; later calls reject with it too. */
+  #shut(reason: ClientError): void {
+    this.#closed ??= reason;
+    for (const settle of [...this.#pending.values()]) settle(this.#closed);
+  }
+
+  /** Closes the connection; calls still waiting reject with ERR_CLIENT_CLOSED. Idempotent. */
+  async close(): Promise<void> {
+    this.#shut(new ClientError('ERR_CLIENT_CLOSED', 'the client is closed'));
+    await this.#connection.close().catch(() => {});
+  }
+}
+
+/** Connects and opens the confirm channel; resolves with a client ready to send. */
+export async function createClient<T extends TaskModule = AnyTasks>(
+  opts: ClientOptions = {},
+): Promise<Client<T>> {
+  // A comma-separated list (a cluster): the first node that answers, in a shuffled order.
+  // No URL: the default accounts on localhost, in order (amqp/defaults.ts).
+  const addresses =
+    opts.url === undefined ? AddressList.accounts(DEFAULT_URLS) : new AddressList(splitUrls(opts.url));
+  const { model: connection } = await openFirst(addresses, {
+    purpose: 'client',
+    connectTimeoutMs: opts.connectTimeoutMs ?? 10_000,
+    logger: pino({ level: 'silent' }),
+  });
+  // Until the client listens itself: an 'error' event without a listener would throw.
+  connection.on('error', () => {});
+  let channel: ConfirmChannel;
+  try {
+    channel = await connection.createConfirmChannel();
+  } catch (err) {
+    await connection.close().catch(() => {});
+    throw err;
+  }
+  return new Client<T>(
+    connection,
+    channel,
+    opts.exchange ?? BROKER_DEFAULTS.exchange,
+    opts.routingKey ?? BROKER_DEFAULTS.routingKey,
+  );
+}

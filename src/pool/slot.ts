@@ -1,0 +1,530 @@
+// One worker slot of the pool, after piscina's WorkerInfo and undici's Client: everything
+// that belongs to one worker lives here and only here changes it: its process, the tasks
+// handed to it (the first runs, the rest wait in the child in order), the master's
+// deadline timers for them, its lifecycle (starting, up, on its way out, stopping) and
+// why it is leaving or was killed. The pool asks it questions and gives it orders; it
+// reports back through events, and when it ends it gives back every task it held.
+//
+// The deadline is the master's, on the monotonic clock: a stuck child cannot stop its
+// own kill. A kill is never the end of the story by itself: the exit is awaited (after
+// the results pipe has been read to its end, so results the child wrote before dying are
+// counted), and only then are its remaining tasks resolved.
+import { EventEmitter } from 'node:events';
+import type { Logger } from 'pino';
+import { type ServiceError, serializeError, taskFailure } from '../errors.ts';
+import type { CancelledMessage, ResultLine, RunTask } from '../ipc/protocol.ts';
+import type { TaskLimits } from '../ipc/task-options.ts';
+import { Child } from './child.ts';
+import type { Job, JobResult } from './job.ts';
+
+/** A running task older than this no longer takes tasks behind it. */
+export const LONG_TASK_MS = 5;
+
+/** Why a worker is on its way out: it finishes its running task first. */
+export type LeaveReason = 'scale' | 'reload' | 'recycle';
+/** Why the master killed (or retired) a worker: decides how its exit is counted. */
+export type KillReason = 'timeout' | 'shutdown' | 'retired' | 'protocol' | 'cancel';
+
+export type SlotState = 'starting' | 'idle' | 'busy' | 'stopping';
+
+export interface SlotOptions {
+  /** Its number in the pool, for reconcile's plans and the logs. */
+  id: number;
+  moduleUrl: string;
+  bootTimeoutMs: number;
+  /** Which reload of the task code it runs (see Supervisor). */
+  generation: number;
+  taskTimeoutMs: number;
+  /** The soft time limit: after the AbortSignal fires, how long before SIGKILL (0: at once). */
+  killGraceMs: number;
+  /** Report the memory after every task (a memory limit is set). */
+  rssEachTask: boolean;
+  /** The largest result a task may return for a reply (--max-result-bytes). */
+  maxResultBytes: number;
+  logger: Logger;
+}
+
+export interface ExitInfo {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  /** Set when the master killed or retired it; undefined: it died by itself. */
+  killedFor: KillReason | undefined;
+  /** It had said ready (a death before that is a boot failure, reported through 'bootFailed'). */
+  wasUp: boolean;
+  /** It was running a task when it died. */
+  wasBusy: boolean;
+}
+
+type SlotEvents = {
+  ready: [];
+  /** `genuine`: the module failed to load or the child died by itself, not a kill of ours. */
+  bootFailed: [err: ServiceError, genuine: boolean];
+  /** One or more of its tasks ended (or were taken back): it may have room, or be done. */
+  settled: [];
+  /** A task's run time, as the child measured it. */
+  ran: [ms: number];
+  /** Tasks it held and never started, to run elsewhere (in their order). */
+  returned: [jobs: Job[]];
+  exit: [info: ExitInfo];
+};
+
+/**
+ * Where a slot is in its life, one value: only the transitions in this file change it.
+ * `killedFor` says why the master ended it (undefined: its process died by itself), and
+ * `wasUp` whether it had said ready.
+ */
+type Phase =
+  | { name: 'starting' }
+  | { name: 'up' }
+  /** On its way out: it finishes what it holds, then retires. */
+  | { name: 'leaving'; why: LeaveReason }
+  /** Killed or retired, or its process died: the exit is awaited. */
+  | { name: 'stopping'; killedFor: KillReason | undefined; wasUp: boolean }
+  | { name: 'exited'; killedFor: KillReason | undefined; wasUp: boolean };
+
+export class Slot extends EventEmitter<SlotEvents> {
+  readonly id: number;
+  readonly generation: number;
+  readonly #opts: SlotOptions;
+  readonly #child: Child;
+  readonly #log: Logger;
+  #phase: Phase = { name: 'starting' };
+  #funcs: ReadonlySet<string> = new Set();
+  /** The options its task code declares, by function (README "Per-task options"). */
+  #limits: Readonly<Record<string, TaskLimits>> = {};
+  /** The tasks handed over: the first runs, the rest wait in the child in order. */
+  #jobs: Job[] = [];
+  /** Asked to give back what it has not started, until it answers. */
+  #takeBackAsked = false;
+  /** What the child did wrong, when it broke the protocol. */
+  #protocolProblem: string | undefined;
+  tasksDone = 0;
+
+  constructor(opts: SlotOptions) {
+    super();
+    this.#opts = opts;
+    this.id = opts.id;
+    this.generation = opts.generation;
+    this.#child = new Child({
+      moduleUrl: opts.moduleUrl,
+      bootTimeoutMs: opts.bootTimeoutMs,
+      // A result line holds the result as a JSON string (each byte up to 6 when escaped),
+      // an error (4,000 characters of message and of stack at most) and a few numbers.
+      maxLineBytes: opts.maxResultBytes * 6 + 64 * 1024,
+    });
+    this.#log = opts.logger;
+    this.#child.on('done', (lines) => this.#onResults(lines));
+    this.#child.on('cancelled', (msg) => this.#onCancelled(msg));
+    this.#child.on('protocolError', (problem) => this.#onProtocolError(problem));
+    this.#child.on('exit', (code, signal) => this.#onExit(code, signal));
+    this.#child.ready.then(
+      (ready) => {
+        if (this.#phase.name !== 'starting') return;
+        this.#phase = { name: 'up' };
+        this.#funcs = new Set(ready.funcs);
+        this.#limits = ready.limits ?? {};
+        this.emit('ready');
+      },
+      (err: ServiceError) => {
+        const genuine = this.#killedFor === undefined;
+        if (this.#phase.name !== 'exited')
+          this.#phase = { name: 'stopping', killedFor: this.#killedFor, wasUp: false };
+        this.emit('bootFailed', err, genuine);
+      },
+    );
+  }
+
+  get pid(): number | undefined {
+    return this.#child.pid;
+  }
+
+  get rssBytes(): number | undefined {
+    return this.#child.rssBytes;
+  }
+
+  /** Resolves once its process has exited and its tasks are resolved. */
+  get exited(): Promise<void> {
+    return this.#child.exited;
+  }
+
+  get state(): SlotState {
+    const { name } = this.#phase;
+    if (name === 'stopping' || name === 'exited') return 'stopping';
+    if (name === 'starting') return 'starting';
+    return this.#jobs.length > 0 ? 'busy' : 'idle';
+  }
+
+  /** It has said ready and has not been stopped (it may be on its way out). */
+  get isUp(): boolean {
+    return this.#phase.name === 'up' || this.#phase.name === 'leaving';
+  }
+
+  /** Counted towards the pool's size: starting or up, and not on its way out. */
+  get isLive(): boolean {
+    return this.#phase.name === 'starting' || this.#phase.name === 'up';
+  }
+
+  /** Why the master ended it, once it did. */
+  get #killedFor(): KillReason | undefined {
+    const phase = this.#phase;
+    return phase.name === 'stopping' || phase.name === 'exited' ? phase.killedFor : undefined;
+  }
+
+  get funcs(): ReadonlySet<string> {
+    return this.#funcs;
+  }
+
+  /** The options its task code declares, by function. */
+  get limits(): Readonly<Record<string, TaskLimits>> {
+    return this.#limits;
+  }
+
+  /** A task's time limit: its function's own, or the pool's. */
+  #timeoutOf(job: Job): number {
+    return this.#limits[job.request.func]?.timeoutMs ?? this.#opts.taskTimeoutMs;
+  }
+
+  /** Between its signal and its kill: its function's own grace, or the pool's. */
+  #graceOf(job: Job): number {
+    return this.#limits[job.request.func]?.killGraceMs ?? this.#opts.killGraceMs;
+  }
+
+  /** Tasks handed to it and not resolved: the running one and those waiting behind it. */
+  get held(): number {
+    return this.#jobs.length;
+  }
+
+  /** The running task, if any. */
+  get running(): Job | undefined {
+    return this.#jobs[0];
+  }
+
+  /** Whether it may take one more task now, beyond `planned` about to be handed; `depth`: how many it may hold. */
+  canTake(planned: number, depth: number, now: number, maxTasks: number): boolean {
+    if (this.#phase.name !== 'up' || this.#takeBackAsked) return false;
+    // Its process has gone (the exit is being handled): nothing handed to it would arrive.
+    if (!this.#child.connected) return false;
+    const load = this.#jobs.length + planned;
+    // A worker due for recycling after N tasks is never handed more than N.
+    if (maxTasks > 0 && this.tasksDone + load >= maxTasks) return false;
+    if (load === 0) return true;
+    if (load >= depth) return false;
+    // Never queue behind a task that has turned out long.
+    const first = this.#jobs[0];
+    return first === undefined || now - first.startedAt < LONG_TASK_MS;
+  }
+
+  /** Hands tasks over, in order, after those it holds. */
+  hand(jobs: Job[]): void {
+    const wasIdle = this.#jobs.length === 0;
+    this.#jobs.push(...jobs);
+    if (wasIdle) this.#startClock(this.#jobs[0] as Job);
+    try {
+      if (!this.#send(jobs)) this.#undeliverable(jobs);
+    } catch {
+      // One of them cannot be serialised (nested past JSON.stringify's stack): send them
+      // one by one, so that only the unsendable ones end, and nothing else is disturbed.
+      for (const job of jobs) {
+        try {
+          if (!this.#send([job])) this.#undeliverable([job]);
+        } catch (err) {
+          this.#unsendable(job, err);
+        }
+      }
+    }
+  }
+
+  /** The child can no longer be told anything (it is exiting): these were never sent, they go back. */
+  #undeliverable(jobs: Job[]): void {
+    const back = new Set(jobs);
+    const wasRunning = this.#jobs[0] !== undefined && back.has(this.#jobs[0]);
+    this.#jobs = this.#jobs.filter((j) => !back.has(j));
+    for (const job of jobs) {
+      clearTimeout(job.timer);
+      job.timer = undefined;
+      job.startedAt = 0;
+    }
+    const next = this.#jobs[0];
+    if (wasRunning && next !== undefined) this.#startClock(next);
+    // Not from inside the dispatch that handed them over: after it.
+    queueMicrotask(() => this.emit('returned', jobs));
+  }
+
+  #send(jobs: Job[]): boolean {
+    const limits = this.#limits;
+    const tasks: RunTask[] = jobs.map(({ taskId, request }) => {
+      const task: RunTask = {
+        taskId,
+        func: request.func,
+        args: request.args,
+        kwargs: request.kwargs,
+        messageId: request.messageId,
+        redelivered: request.redelivered,
+        attempt: request.attempt,
+        wantResult: request.wantResult,
+      };
+      if (request.exactJson !== undefined) task.exactJson = request.exactJson;
+      if (request.traceparent !== undefined) {
+        task.traceparent = request.traceparent;
+        if (request.tracestate !== undefined) task.tracestate = request.tracestate;
+      }
+      const own = limits[request.func]?.timeoutMs;
+      if (own !== undefined) task.timeoutMs = own;
+      return task;
+    });
+    return this.#child.send({
+      type: 'run',
+      tasks,
+      timeoutMs: this.#opts.taskTimeoutMs,
+      rssEachTask: this.#opts.rssEachTask,
+      maxResultBytes: this.#opts.maxResultBytes,
+    });
+  }
+
+  /** A task that cannot reach the child ends alone, as crashed: never the process. */
+  #unsendable(job: Job, err: unknown): void {
+    const wasRunning = this.#jobs[0] === job;
+    this.#jobs = this.#jobs.filter((j) => j !== job);
+    const cause = serializeError(err);
+    this.#log.error(
+      { taskId: job.taskId, func: job.request.func, err },
+      'a task could not be handed to its worker',
+    );
+    job.end({
+      outcome: 'crashed',
+      error: taskFailure.dispatch('the task could not be handed to a worker', cause),
+      durationMs: 0,
+    });
+    const next = this.#jobs[0];
+    if (wasRunning && next !== undefined) this.#startClock(next);
+  }
+
+  /**
+   * Cancels a task it holds (an operator's cancel): the running one gets its AbortSignal,
+   * then the kill after its grace; one waiting behind it is asked back, and the scheduler
+   * ends it unrun. Undefined when it holds no such task.
+   */
+  cancel(match: (job: Job) => boolean): 'running' | 'queued' | undefined {
+    const job = this.#jobs.find(match);
+    if (job === undefined || job.ended) return undefined;
+    // Cancelled already: its kill is on its way; a repeated cancel must not put it off.
+    const again = job.cancelled;
+    job.cancelled = true;
+    if (this.#jobs[0] === job) {
+      if (!again) this.#stopCancelled(job);
+      return 'running';
+    }
+    this.takeBack();
+    return 'queued';
+  }
+
+  #stopCancelled(job: Job): void {
+    if (this.#jobs[0] !== job || job.ended || this.#killedFor !== undefined) return;
+    const graceMs = this.#graceOf(job);
+    const fields = { pid: this.pid, taskId: job.taskId, func: job.request.func, killGraceMs: graceMs };
+    this.#log.warn(fields, 'task cancelled; aborting it');
+    // Past its time limit already: its signal has fired and its kill is counting down.
+    if (job.timedOut && job.timer !== undefined) return;
+    this.#child.send({ type: 'abort', taskId: job.taskId, reason: 'the task was cancelled', cancel: true });
+    this.takeBack();
+    clearTimeout(job.timer);
+    job.timer = setTimeout(() => {
+      job.timer = undefined;
+      if (this.#jobs[0] !== job || job.ended) return;
+      this.#log.warn(fields, 'cancelled task did not stop in its grace; killing its worker');
+      this.#kill('cancel');
+    }, graceMs);
+  }
+
+  /** Asks the child for the tasks it holds and has not started (answered by `cancelled`). */
+  takeBack(): void {
+    if (this.#jobs.length <= 1 || this.#takeBackAsked || !this.isUp) return;
+    this.#takeBackAsked = true;
+    this.#child.send({ type: 'cancel' });
+  }
+
+  /** Sends it away: at once if starting or idle, after its running task if busy. */
+  leave(why: LeaveReason): void {
+    if (this.#phase.name !== 'starting' && this.#phase.name !== 'up') return;
+    if (this.#phase.name === 'starting') {
+      this.#kill('retired');
+      return;
+    }
+    this.#phase = { name: 'leaving', why };
+    if (this.#jobs.length === 0) this.#retire();
+    else this.takeBack();
+  }
+
+  /** The drain's end: a busy worker is killed (its task goes back), any other retired. */
+  stop(): void {
+    if (!this.isLive && !this.isUp) return;
+    if (this.#phase.name === 'starting') this.#kill('retired');
+    else if (this.#jobs.length > 0) this.#kill('shutdown');
+    else this.#retire();
+  }
+
+  /** The last resort for a worker that does not exit when asked. */
+  forceKill(): void {
+    this.#stopping('shutdown');
+    this.#child.kill();
+  }
+
+  #kill(why: KillReason): void {
+    this.#stopping(why);
+    this.#child.kill();
+  }
+
+  #retire(): void {
+    this.#stopping('retired');
+    this.#child.retire();
+  }
+
+  /** Into `stopping`, the first reason given kept. */
+  #stopping(why: KillReason): void {
+    const phase = this.#phase;
+    if (phase.name === 'stopping' || phase.name === 'exited') phase.killedFor ??= why;
+    else this.#phase = { name: 'stopping', killedFor: why, wasUp: this.isUp };
+  }
+
+  #startClock(job: Job): void {
+    // A task handed back (a cancel) and handed out again may still carry its old timer.
+    clearTimeout(job.timer);
+    job.startedAt = performance.now();
+    // Cancelled while it waited in the child, which started it before it could give it back.
+    if (job.cancelled) {
+      job.timer = undefined;
+      queueMicrotask(() => this.#stopCancelled(job));
+      return;
+    }
+    job.timer = setTimeout(() => this.#timeLimit(job), this.#timeoutOf(job));
+    job.request.onStart?.();
+  }
+
+  /**
+   * The time limit: abort and allow the grace, or kill now. One turn of the event loop
+   * first: timers run before the master reads its pipes, and a result waiting there
+   * (the master was busy, or frozen) means the task finished in time.
+   */
+  #timeLimit(job: Job): void {
+    job.timer = undefined;
+    setImmediate(() => this.#pastTimeLimit(job));
+  }
+
+  #pastTimeLimit(job: Job): void {
+    if (this.#jobs[0] !== job || job.ended || job.cancelled) return;
+    job.timedOut = true;
+    const fields = { pid: this.pid, taskId: job.taskId, func: job.request.func };
+    const graceMs = this.#graceOf(job);
+    if (graceMs > 0) {
+      this.#log.warn({ ...fields, killGraceMs: graceMs }, 'task reached its time limit; aborting it');
+      this.#child.send({ type: 'abort', taskId: job.taskId, reason: 'the task reached its time limit' });
+      this.takeBack();
+      job.timer = setTimeout(() => {
+        if (this.#jobs[0] !== job || job.ended) return;
+        this.#log.warn(fields, 'task did not stop in its grace; killing its worker');
+        this.#kill('timeout');
+      }, graceMs);
+      return;
+    }
+    this.#log.warn(fields, 'task timed out; killing its worker');
+    this.#kill('timeout');
+  }
+
+  #onResults(lines: ResultLine[]): void {
+    for (const line of lines) {
+      const job = this.#jobs[0];
+      if (job === undefined || job.taskId !== line.taskId) {
+        // Results come in the order the tasks ran: anything else is forged.
+        this.#child.breach('a result for a task it was not running');
+        return;
+      }
+      this.#jobs.shift();
+      const durationMs = performance.now() - job.startedAt;
+      // The child's own measure: results read together would otherwise look like one
+      // long task and several of no length.
+      this.emit('ran', line.ranMs ?? durationMs);
+      this.tasksDone++;
+      job.end(this.#resultOf(job, line, durationMs));
+      // The child starts the next one as it reports this one: so does its clock.
+      const next = this.#jobs[0];
+      if (next !== undefined) this.#startClock(next);
+    }
+    this.#afterTasks();
+  }
+
+  #resultOf(job: Job, line: ResultLine, durationMs: number): JobResult {
+    if (job.cancelled) return { outcome: 'cancelled', error: taskFailure.cancelled(true), durationMs };
+    if (job.timedOut)
+      return { outcome: 'timeout', error: taskFailure.timeout(this.#timeoutOf(job), true), durationMs };
+    if (line.ok) return { outcome: 'succeeded', resultJson: line.resultJson, durationMs };
+    return { outcome: 'failed', error: line.error, durationMs };
+  }
+
+  /** The child broke the protocol (the child kills it): its running task ends crashed, for it. */
+  #onProtocolError(problem: string): void {
+    this.#protocolProblem = problem;
+    this.#log.error(
+      { pid: this.pid, func: this.#jobs[0]?.request.func, problem },
+      'a worker broke the protocol: killing it; its task ends crashed',
+    );
+    this.#stopping('protocol');
+  }
+
+  #onCancelled(msg: CancelledMessage): void {
+    this.#takeBackAsked = false;
+    const ids = new Set(msg.taskIds);
+    // Only tasks it holds can come back (the one the master counts as running too: the
+    // child may not have started it yet, between two tasks): anything else is forged.
+    const held = new Set(this.#jobs.map((j) => j.taskId));
+    if (msg.taskIds.some((id) => !held.has(id))) {
+      this.#child.breach('a cancelled frame naming tasks it does not hold');
+      return;
+    }
+    const back = this.#jobs.filter((j) => ids.has(j.taskId));
+    this.#jobs = this.#jobs.filter((j) => !ids.has(j.taskId));
+    if (back.length > 0) this.emit('returned', back);
+    this.#afterTasks();
+  }
+
+  /** Between tasks: a worker on its way out leaves once it holds nothing. */
+  #afterTasks(): void {
+    if (this.#phase.name === 'leaving' && this.#jobs.length === 0) this.#retire();
+    this.emit('settled');
+  }
+
+  #onExit(code: number | null, signal: NodeJS.Signals | null): void {
+    const phase = this.#phase;
+    const wasUp = phase.name === 'stopping' || phase.name === 'exited' ? phase.wasUp : this.isUp;
+    this.#phase = { name: 'exited', killedFor: this.#killedFor, wasUp };
+    const [running, ...waiting] = this.#jobs;
+    this.#jobs = [];
+    if (running !== undefined) running.end(this.#endOfRunning(running, code, signal));
+    if (waiting.length > 0) this.emit('returned', waiting);
+    this.emit('exit', { code, signal, killedFor: this.#killedFor, wasUp, wasBusy: running !== undefined });
+  }
+
+  /** What became of the task that was running when its process ended. */
+  #endOfRunning(job: Job, code: number | null, signal: NodeJS.Signals | null): JobResult {
+    const durationMs = job.startedAt === 0 ? 0 : performance.now() - job.startedAt;
+    if (job.cancelled) return { outcome: 'cancelled', error: taskFailure.cancelled(true), durationMs };
+    if (job.timedOut)
+      return { outcome: 'timeout', error: taskFailure.timeout(this.#timeoutOf(job), false), durationMs };
+    if (this.#killedFor === 'shutdown')
+      return { outcome: 'returned', reason: 'still running at the shutdown deadline' };
+    if (this.#killedFor === 'protocol')
+      return {
+        outcome: 'crashed',
+        error: taskFailure.protocol(this.#protocolProblem ?? 'a malformed frame'),
+        durationMs,
+      };
+    // Killed for another task's timeout, whose result then turned up in the pipe: this
+    // one was not at fault, and goes back to the queue.
+    if (this.#killedFor !== undefined) return { outcome: 'returned', reason: 'its worker was stopped' };
+    const how = signal ?? `exit code ${code}`;
+    return {
+      outcome: 'crashed',
+      error: taskFailure.crashed(how),
+      durationMs,
+    };
+  }
+}

@@ -1,0 +1,580 @@
+// The service whole: pool, consuming and publishing connections, dispatcher, metrics and
+// HTTP, built from a Config. It never touches `process`: the CLI owns signals and exit
+// codes, so tests can build and stop a service in-process.
+
+import { randomBytes } from 'node:crypto';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import type { Channel } from 'amqplib';
+import type { FastifyInstance } from 'fastify';
+import type { Logger } from 'pino';
+import { Registry } from 'prom-client';
+import { AddressList, openFirst, userOf } from '../amqp/connection.ts';
+import { AmqpConsumer } from '../amqp/consumer.ts';
+import { neededConsumerTimeoutMs } from '../amqp/consumer-timeout.ts';
+import { type ControlOrder, controlExchangeName, listenForOrders, ORIGIN_HEADER } from '../amqp/control.ts';
+import { type DeadLetter, deadLetterPass, parseDeadFilter } from '../amqp/dead-letters.ts';
+import { DEFAULT_URLS } from '../amqp/defaults.ts';
+import { AutoPrefetch, MAX_PER_WORKER, perWorkerShare, resizedPrefetch } from '../amqp/prefetch.ts';
+import { AmqpPublisher } from '../amqp/publisher.ts';
+import { ReplayJournal, replayJournalPath } from '../amqp/replay-journal.ts';
+import { deadLetterQueueName, retryDelays, type Topology } from '../amqp/topology.ts';
+import { redactUrl, splitUrls } from '../amqp/url.ts';
+import { type Config, WORKER_RSS_MB } from '../config/options.ts';
+import { CrashJournal } from '../dispatch/crash-journal.ts';
+import { Dispatcher } from '../dispatch/dispatcher.ts';
+import { ServiceError } from '../errors.ts';
+import {
+  buildServer,
+  type CancelAnswer,
+  type DeadAnswer,
+  type HealthReport,
+  type StatusReport,
+} from '../http/server.ts';
+import { createMetrics, type Metrics } from '../metrics/metrics.ts';
+import { Pool } from '../pool/pool.ts';
+import type { TracingConfig } from '../telemetry/config.ts';
+import type { TaskTracer } from '../telemetry/task-tracer.ts';
+import { settlesWithin } from '../util/deadline.ts';
+
+export interface ServiceOptions {
+  config: Config;
+  /** The task module as a file URL (see resolveTaskModule). */
+  moduleUrl: string;
+  logger: Logger;
+  registry?: Registry;
+  /** How long one dead-letter, retry or reply publish may keep trying (default 60 s; time blocked by an alarm not counted). */
+  publishTimeoutMs?: number;
+  /** Where the crash journal lives (default: see crashJournalPath). */
+  crashJournalPath?: string;
+  /** Tracing settings (from OTEL_*: telemetry/config.ts); absent, tracing is off and its SDK never loaded. */
+  tracing?: TracingConfig;
+}
+
+/** Tokens that ship in examples (docker-compose.yml): a service that runs with one is warned about. */
+const PLACEHOLDER_TOKENS = new Set(['change-me']);
+
+/** The longest a task waits for its function's concurrency or rate before it goes back through a delay queue. */
+const MAX_HELD_BACK_MS = 2 * 60_000;
+
+/** Deaths of the master while handling one message before it is dead-lettered as crashed. */
+export const CRASH_LIMIT = 3;
+
+/**
+ * The crash journal's file: per queue, in a folder of this user's own under --state-dir
+ * (the temporary folder by default, which survives a restart of the process and of its
+ * container, not a new container: see README).
+ */
+export function crashJournalPath(stateDir: string, queue: string): string {
+  const user = process.getuid?.() ?? 'user';
+  return join(stateDir, `amqp-concurrency-${user}`, `${encodeURIComponent(queue)}.crashes.json`);
+}
+
+/** How the service ended: the exit code the CLI should use, and why. */
+export interface ServiceExit {
+  code: number;
+  reason: string;
+  /** The error that stopped the service, when one did. */
+  error?: ServiceError;
+}
+
+export class Service {
+  readonly config: Config;
+  readonly metrics: Metrics;
+  readonly pool: Pool;
+  readonly consumer: AmqpConsumer;
+  readonly publisher: AmqpPublisher;
+  readonly dispatcher: Dispatcher;
+  readonly http: FastifyInstance;
+  /** Present when no prefetch was given: the window follows the task duration. */
+  readonly #autoPrefetch: AutoPrefetch | undefined;
+  readonly #log: Logger;
+  readonly #crashJournal: CrashJournal;
+  #draining: Promise<ServiceExit> | undefined;
+  readonly #topology: Topology;
+  readonly #tracing: TracingConfig | undefined;
+  /** Delay queues declared or being declared, by TTL. */
+  readonly #declaringSteps = new Map<number, Promise<void>>();
+  #tracer: TaskTracer | undefined;
+  readonly #holds: { workerTimeout: number; killGrace: number; perWorker: number };
+  /** This replica, in the orders it sends other replicas and its answers to them. */
+  /** Where a dead-letter pass over HTTP connects: the service's own addresses. */
+  readonly #deadAddresses: AddressList;
+  readonly #origin = `${hostname()}:${process.pid}:${randomBytes(4).toString('hex')}`;
+  #resolveEnded: (ending: ServiceExit) => void = () => {};
+  /** Resolves when the service has stopped, by a drain or a fatal error. */
+  readonly ended: Promise<ServiceExit>;
+
+  constructor(opts: ServiceOptions) {
+    const { config, logger } = opts;
+    this.config = config;
+    this.#log = logger;
+    this.#tracing = opts.tracing;
+    this.ended = new Promise((resolve) => {
+      this.#resolveEnded = resolve;
+    });
+    this.pool = new Pool({
+      size: config.workers,
+      moduleUrl: opts.moduleUrl,
+      taskTimeoutMs: config.workerTimeout * 1000,
+      killGraceMs: config.killGrace * 1000,
+      maxTasksPerWorker: config.maxTasksPerWorker,
+      maxWorkerMemoryBytes: config.maxWorkerMemory * 1024 * 1024,
+      maxResultBytes: config.maxResultBytes,
+      // Within the consumer timeout's slack (consumer-timeout.ts): waiting for a function's
+      // limit comes on top of the longest hold.
+      maxHeldBackMs: MAX_HELD_BACK_MS,
+      logger,
+    });
+    const urls = config.amqpUrlGiven ? splitUrls(config.amqpUrl) : [...DEFAULT_URLS];
+    // No URL given: the default accounts, tried in order, the one that works kept; one
+    // list for both connections, so the publisher logs in as the consumer did.
+    const addresses = config.amqpUrlGiven ? undefined : AddressList.accounts(urls);
+    const connectTimeoutMs = config.connectTimeout * 1000;
+    this.#deadAddresses = addresses ?? new AddressList(urls);
+    const holds = {
+      workerTimeout: config.workerTimeout,
+      killGrace: config.killGrace,
+      perWorker: config.prefetchAuto ? MAX_PER_WORKER : perWorkerShare(config.prefetch, config.workers),
+    };
+    const topology: Topology = {
+      exchange: config.exchange,
+      queue: config.queue,
+      routingKey: config.routingKey,
+      queueType: config.queueType,
+      deliveryLimit: config.deliveryLimit,
+      retryDelaysMs: retryDelays(config.maxRetries, config.retryDelay * 1000, config.retryDelayMax * 1000),
+      maxPriority: config.maxPriority,
+      delaySteps: new Set(),
+      // Past the longest a delivery can wait here (a fixed window keeps its share per
+      // worker; the automatic one is bounded): the broker's timeout never fires first.
+      // Raised in start() when a task declares a longer time limit of its own.
+      consumerTimeoutMs: neededConsumerTimeoutMs(holds),
+    };
+    this.#topology = topology;
+    this.#holds = holds;
+    this.publisher = new AmqpPublisher({
+      urls,
+      ...(addresses === undefined ? {} : { addresses }),
+      connectTimeoutMs,
+      topology,
+      logger,
+      ...(opts.publishTimeoutMs === undefined ? {} : { publishTimeoutMs: opts.publishTimeoutMs }),
+    });
+    this.consumer = new AmqpConsumer({
+      urls,
+      ...(addresses === undefined ? {} : { addresses }),
+      connectTimeoutMs,
+      topology,
+      prefetch: config.prefetch,
+      logger,
+      onDelivery: (delivery) => this.dispatcher.handle(delivery),
+      // What that channel delivered and has not started is the broker's again: drop it
+      // here, or it would run now and again when redelivered.
+      onChannelLost: (lost) => {
+        this.pool.dropAbandoned();
+        this.dispatcher.sessionLost(lost);
+      },
+      onConsuming: (connection) => {
+        listenForOrders(
+          connection,
+          config.queue,
+          (order, channel) => this.#onOrder(order, channel),
+          logger,
+        ).catch((err: unknown) =>
+          this.#log.warn(
+            { err },
+            'cannot listen on the control exchange: cancels sent to other replicas do not reach this one',
+          ),
+        );
+      },
+    });
+    this.metrics = createMetrics(opts.registry ?? new Registry(), {
+      sources: {
+        workers: () => this.pool.stats(),
+        inFlight: () => this.dispatcher.inFlight,
+        heldBytes: () => this.dispatcher.heldBytes,
+        connected: () => this.consumer.connected,
+      },
+    });
+    this.#crashJournal = new CrashJournal(
+      opts.crashJournalPath ?? crashJournalPath(config.stateDir, config.queue),
+      CRASH_LIMIT,
+    );
+    this.dispatcher = new Dispatcher({
+      pool: this.pool,
+      consumer: this.consumer,
+      publisher: this.publisher,
+      metrics: this.metrics,
+      logger,
+      queue: config.queue,
+      deadLetterQueue: deadLetterQueueName(config.queue),
+      maxMessageBytes: config.maxMessageBytes,
+      retryDelaysMs: topology.retryDelaysMs,
+      declareDelayQueue: (stepMs) => this.#declareDelayQueue(stepMs),
+      retryBaseMs: config.retryDelay * 1000,
+      retryMaxMs: config.retryDelayMax * 1000,
+      crashJournal: this.#crashJournal,
+      heldBytesBudget: config.maxHeldBytes,
+      onPressure: (over) => (over ? this.consumer.pause() : this.consumer.resume()),
+      renewAdopted: config.queueType === 'quorum' && config.deliveryLimit > 0,
+    });
+    this.#autoPrefetch = config.prefetchAuto
+      ? new AutoPrefetch({
+          logger,
+          pool: this.pool,
+          consumer: this.consumer,
+          unsettled: () => this.dispatcher.inFlight,
+          memory: {
+            budgetBytes: config.maxHeldBytes,
+            averageBodyBytes: () => this.dispatcher.averageBodyBytes,
+          },
+        })
+      : undefined;
+    this.pool.on('restart', (reason) => this.metrics.workerRestarts.inc({ reason }));
+    this.pool.on('heldBack', (func, limit) => this.metrics.heldBack.inc({ func, limit }));
+    this.pool.on('limits', () => {
+      if (this.consumer.state !== 'connecting') this.#fitConsumerTimeout(true);
+    });
+    this.pool.on('fatal', (err) => this.#fail(err, 1));
+    this.consumer.on('reconnected', () => this.metrics.amqpReconnects.inc());
+    this.consumer.on('fatal', (err) => this.#fail(err, 2));
+    this.consumer.on('state', (state) => this.#log.debug({ state }, 'consumer state'));
+    this.http = buildServer({
+      health: () => this.health(),
+      status: () => this.status(),
+      setWorkers: (count) => this.setWorkers(count),
+      cancel: (messageId) => this.cancel(messageId),
+      dead: (action, raw) => this.dead(action, raw),
+      registry: this.metrics.registry,
+      requestShutdown: (reason) => void this.drain(reason),
+      shutdownToken: config.shutdownToken,
+      logger,
+    });
+  }
+
+  /**
+   * Starts the workers (a task module that cannot load rejects with ERR_TASK_MODULE), then
+   * the HTTP server, then consuming. Resolves once listening; the broker may still be on
+   * its way, which /health tells.
+   */
+  async start(): Promise<void> {
+    const { config } = this;
+    this.#log.info(
+      {
+        workers: config.workers,
+        amqp: config.amqpUrlGiven ? redactUrl(config.amqpUrl) : DEFAULT_URLS.map(redactUrl).join(' or '),
+        queue: config.queue,
+        prefetch: config.prefetch,
+        workerTimeout: config.workerTimeout,
+      },
+      'starting',
+    );
+    const journalProblem = this.#crashJournal.problem;
+    if (journalProblem !== undefined)
+      this.#log.warn(
+        { problem: journalProblem },
+        `the crash journal cannot be kept: a message that stops the master is not dead-lettered after ${CRASH_LIMIT} deaths; give --state-dir a folder of this user's`,
+      );
+    if (config.shutdownToken !== undefined && PLACEHOLDER_TOKENS.has(config.shutdownToken))
+      this.#log.warn(
+        'SHUTDOWN_TOKEN is a placeholder (change-me): anyone who can reach the HTTP port can stop the service; set a secret of your own',
+      );
+    if (!config.amqpUrlGiven)
+      this.#log.info(
+        `no --amqp-url given: logging in as ${DEFAULT_URLS.map(userOf).join(', then as ')} on localhost (the "consuming" line says which)`,
+      );
+    if (this.#tracing !== undefined) {
+      const { startTracing } = await import('../telemetry/tracing.ts');
+      this.#tracer = await startTracing(this.#tracing);
+      this.dispatcher.setTracer(this.#tracer);
+      this.#log.info(
+        {
+          endpoint: this.#tracing.tracesUrl,
+          protocol: this.#tracing.protocol,
+          service: this.#tracing.serviceName,
+        },
+        'tracing: one span per task',
+      );
+    }
+    await this.pool.start();
+    this.#fitConsumerTimeout();
+    try {
+      await this.http.listen({ host: config.httpHost, port: config.httpPort });
+    } catch (err) {
+      await this.pool.close(0);
+      throw new ServiceError(
+        'ERR_CONFIG',
+        `--http-port: cannot listen on ${config.httpHost}:${config.httpPort}: ${(err as Error).message}`,
+        { cause: err },
+      );
+    }
+    this.consumer.start();
+    this.#autoPrefetch?.start();
+  }
+
+  /** The port the HTTP server listens on (useful with --http-port 0). */
+  get httpPort(): number {
+    const address = this.http.server.address();
+    return typeof address === 'object' && address !== null ? address.port : this.config.httpPort;
+  }
+
+  /**
+   * Readiness (README "HTTP"): ok while connected, consuming and able to run work. A worker
+   * being replaced (a timeout, a recycle, a reload) is normal operation, not a reason:
+   * only no worker up at all, or replacements that keep failing to start.
+   */
+  health(): HealthReport {
+    const stats = this.pool.stats();
+    const up = stats.idle + stats.busy;
+    const report: HealthReport = {
+      status: 'ok',
+      amqp: {
+        connected: this.consumer.connected,
+        blocked: this.consumer.blocked || this.publisher.blocked,
+        paused: this.consumer.paused,
+        ...(this.consumer.broker === undefined ? {} : { broker: this.consumer.broker }),
+      },
+      workers: { desired: stats.desired, up, busy: stats.busy },
+      tasksInFlight: this.dispatcher.inFlight,
+    };
+    if (this.#draining !== undefined)
+      return { ...report, status: 'draining', reason: 'the service is shutting down' };
+    const state = this.consumer.state;
+    if (state === 'connecting')
+      return { ...report, status: 'connecting', reason: 'connecting to the broker' };
+    if (state !== 'consuming')
+      return { ...report, status: 'reconnecting', reason: 'the broker connection was lost' };
+    if (stats.bootFailures > 0) {
+      return {
+        ...report,
+        status: 'workers down',
+        reason: `workers failing to start (${stats.bootFailures} in a row); ${up} of ${stats.desired} up`,
+      };
+    }
+    // With one worker, its replacement (after a timeout or a recycle) leaves none up for a
+    // moment: a replacement on its way is normal operation, not a reason; none at all is.
+    if (up === 0 && stats.starting === 0)
+      return { ...report, status: 'workers down', reason: `no worker up (0 of ${stats.desired})` };
+    return report;
+  }
+
+  status(): StatusReport {
+    return {
+      health: this.health(),
+      workers: this.pool.status(),
+      queued: this.pool.stats().queued,
+      prefetch: this.consumer.prefetch,
+      funcs: this.pool.funcStatus(),
+    };
+  }
+
+  /**
+   * A task that declares a longer time limit (or grace) than the flags' makes the longest
+   * hold longer: the work queue's consumer timeout follows, before the first declaration.
+   */
+  #fitConsumerTimeout(reloaded = false): void {
+    let workerTimeout = this.#holds.workerTimeout;
+    let killGrace = this.#holds.killGrace;
+    for (const limits of Object.values(this.pool.limits)) {
+      if (limits.timeoutMs !== undefined) workerTimeout = Math.max(workerTimeout, limits.timeoutMs / 1000);
+      if (limits.killGraceMs !== undefined) killGrace = Math.max(killGrace, limits.killGraceMs / 1000);
+    }
+    const needed = neededConsumerTimeoutMs({ ...this.#holds, workerTimeout, killGrace });
+    const declared = this.#topology.consumerTimeoutMs;
+    this.#topology.consumerTimeoutMs = needed;
+    // After a reload: the queue keeps the value it was declared with (a queue's arguments
+    // never change); the next consumer asks for the new one where the broker honours it.
+    if (reloaded && declared !== undefined && needed > declared)
+      this.#log.warn(
+        { neededMs: needed, declaredMs: declared },
+        "the reloaded task code allows longer runs than the work queue's consumer timeout: restart the service so that the broker's timeout covers them",
+      );
+  }
+
+  /**
+   * A delay queue is declared when first used (topology.ts): added to the topology, which
+   * every later (re)connect declares, and declared now on the publishing connection. Once
+   * per TTL; a failure is tried again with the next delayed message.
+   */
+  #declareDelayQueue(stepMs: number): Promise<void> {
+    const steps = this.#topology.delaySteps as Set<number>;
+    let declaring = this.#declaringSteps.get(stepMs);
+    if (declaring === undefined) {
+      steps.add(stepMs);
+      declaring = this.publisher.declare().catch((err: unknown) => {
+        this.#declaringSteps.delete(stepMs);
+        throw err;
+      });
+      this.#declaringSteps.set(stepMs, declaring);
+    }
+    return declaring;
+  }
+
+  /**
+   * Cancels a task by message id (DELETE /tasks/{id}): here, and on every other replica
+   * through the control exchange. What it found here is the answer.
+   */
+  cancel(messageId: string): CancelAnswer {
+    const result = this.dispatcher.cancel(messageId);
+    this.publisher
+      .publish(
+        controlExchangeName(this.config.queue),
+        '',
+        Buffer.from(JSON.stringify({ cancel: messageId })),
+        {
+          contentType: 'application/json',
+          headers: { [ORIGIN_HEADER]: this.#origin },
+        },
+      )
+      .catch((err: unknown) =>
+        this.#log.warn({ err, messageId }, 'the cancel could not be sent to the other replicas'),
+      );
+    return result;
+  }
+
+  /**
+   * One pass over the dead-letter queue for GET /dead and POST /dead/replay|purge, on a
+   * connection of its own (README "Dead letters"). At most 1,000 letters are answered.
+   */
+  async dead(action: 'list' | 'replay' | 'purge', raw: Record<string, unknown>): Promise<DeadAnswer> {
+    const filter = parseDeadFilter({
+      kind: raw.kind,
+      func: raw.func,
+      limit: raw.limit,
+      olderThan: raw.olderThan,
+    });
+    if (typeof filter === 'string')
+      throw new RangeError(filter.replace(/^--older-than/, 'olderThan').replace(/^--/, ''));
+    const flag = (value: unknown) => value === true || value === 'true';
+    const dryRun = action === 'replay' && flag(raw.dryRun);
+    filter.limit ??= action === 'list' || dryRun ? 100 : undefined;
+    const letters: DeadLetter[] = [];
+    const connection = await openFirst(this.#deadAddresses, {
+      purpose: 'client',
+      connectTimeoutMs: this.config.connectTimeout * 1000,
+      logger: this.#log,
+    });
+    try {
+      const summary = await deadLetterPass(connection, {
+        action,
+        deadLetterQueue: deadLetterQueueName(this.config.queue),
+        exchange: this.config.exchange,
+        workQueue: this.config.queue,
+        filter,
+        dryRun,
+        showBody: action === 'list' && flag(raw.showBody),
+        journal: new ReplayJournal(replayJournalPath(this.config.stateDir, this.config.queue)),
+        onMatch: (letter) => {
+          if (letters.length < 1_000) letters.push(letter);
+        },
+      });
+      this.#log.info(
+        { action, dryRun, ...summary, possibleDuplicates: summary.possibleDuplicates.length },
+        'dead letters over HTTP',
+      );
+      return { letters: letters as unknown as Record<string, unknown>[], ...summary };
+    } finally {
+      await connection.close().catch(() => {});
+    }
+  }
+
+  /** An order from the control exchange (amqp-concurrency cancel, or another replica's DELETE /tasks). */
+  #onOrder(order: ControlOrder, channel: Channel): void {
+    if (order.origin === this.#origin) return;
+    const result = this.dispatcher.cancel(order.cancel);
+    if (order.replyTo === undefined) return;
+    try {
+      channel.sendToQueue(order.replyTo, Buffer.from(JSON.stringify({ replica: this.#origin, result })), {
+        contentType: 'application/json',
+        ...(order.correlationId === undefined ? {} : { correlationId: order.correlationId }),
+      });
+    } catch (err) {
+      this.#log.warn({ err }, 'the answer to a cancel could not be sent');
+    }
+  }
+
+  /**
+   * Resizes the pool (PUT /workers, SIGTTIN, SIGTTOU); the prefetch follows: by the task
+   * duration when it is automatic, else keeping the deliveries per worker it started with.
+   */
+  setWorkers(count: number): void {
+    const max = this.config.maxWorkers;
+    if (count > max)
+      throw new RangeError(
+        `${count} workers is over --max-workers (${max}): each takes about ${WORKER_RSS_MB} MB; raise --max-workers if the machine has the memory`,
+      );
+    this.pool.resize(count);
+    if (this.#autoPrefetch !== undefined) {
+      this.#autoPrefetch.retune();
+      return;
+    }
+    void this.consumer.setPrefetch(resizedPrefetch(this.config.prefetch, this.config.workers, count));
+  }
+
+  /** The last resort before the process dies of an uncaught error (see Dispatcher.recordCrash). */
+  recordCrash(): void {
+    this.dispatcher.recordCrash();
+  }
+
+  /** Rolls every worker onto the task module's current code (SIGHUP). */
+  reload(): Promise<void> {
+    return this.pool.reload();
+  }
+
+  /**
+   * The graceful drain (README "Stopping"), idempotent: stop consuming, give back what has not
+   * started, let running tasks finish until the shutdown timeout (counted from now), settle
+   * them, stop the workers, close the connections, and the HTTP server last.
+   */
+  drain(reason: string, code = 0, error?: ServiceError): Promise<ServiceExit> {
+    this.#draining ??= Promise.race([this.#drain(reason, code), this.#overdue()]).then((drained) => {
+      const ending = error === undefined ? drained : { ...drained, error };
+      this.#log.info(ending, 'stopped');
+      this.#resolveEnded(ending);
+      return ending;
+    });
+    return this.#draining;
+  }
+
+  /** A safety net past the shutdown timeout, for a broker that stops answering mid-drain. */
+  #overdue(): Promise<ServiceExit> {
+    const ms = (this.config.shutdownTimeout + 15) * 1000;
+    return new Promise((resolve) => {
+      setTimeout(() => resolve({ code: 1, reason: 'the drain did not finish in time' }), ms).unref();
+    });
+  }
+
+  async #drain(reason: string, code: number): Promise<ServiceExit> {
+    const graceMs = this.config.shutdownTimeout * 1000;
+    const deadline = performance.now() + graceMs;
+    this.#log.info({ reason, shutdownTimeout: this.config.shutdownTimeout }, 'draining');
+    this.#autoPrefetch?.stop();
+    await this.consumer.cancel();
+    const settled = this.dispatcher.drain();
+    await this.pool.close(Math.max(0, deadline - performance.now()));
+    // The tasks are over; what may remain is publishing their dead letters and replies. A
+    // publish that cannot finish by the deadline (publishing blocked by an alarm, a broker
+    // that stopped answering) is failed by closing the publisher: its message goes back
+    // to the queue, and the drain ends on time.
+    if (!(await settlesWithin(settled, deadline - performance.now()))) {
+      this.#log.warn('publishes still waiting at the shutdown deadline: their messages go back to the queue');
+      await this.publisher.close();
+      await settlesWithin(settled, 1_000);
+    }
+    await Promise.all([this.consumer.close(), this.publisher.close()]);
+    // The last spans go out before the process ends (bounded: a collector may be down).
+    if (this.#tracer !== undefined)
+      await settlesWithin(
+        this.#tracer.shutdown().catch(() => {}),
+        5_000,
+      );
+    await this.http.close();
+    return { code, reason };
+  }
+
+  #fail(err: ServiceError, code: number): void {
+    this.#log.fatal({ err }, 'cannot go on');
+    void this.drain(err.message, code, err);
+  }
+}
