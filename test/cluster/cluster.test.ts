@@ -22,8 +22,8 @@ import {
   type SpawnedCli,
   spawnCli,
   waitFor,
-} from '../helpers.ts';
-import { publishRecords, runCounts, runsFile, tally } from '../load.ts';
+} from '../support/helpers.ts';
+import { publishRecords, runCounts, runsFile, tally } from '../support/load.ts';
 
 const KIT = process.env.RABBITMQ_VERSIONS_KIT ?? join(ROOT, '..', 'shared', 'rabbitmq-versions');
 const NODES = [1, 2, 3] as const;

@@ -239,7 +239,7 @@ describe('docker compose, on a real engine', { skip }, () => {
       /(dumb-init|tini|docker-init)$/,
       `PID 1 is an init: ${init.cmd.join(' ')}`,
     );
-    const master = ps.find((p) => p.ppid === 1 && p.cmd.some((a) => a.endsWith('src/cli.ts')));
+    const master = ps.find((p) => p.ppid === 1 && p.cmd.some((a) => a.endsWith('src/cli/main.ts')));
     assert.ok(master, `the master runs under PID 1: ${JSON.stringify(ps)}`);
     const workers = ps.filter((p) => p.ppid === master.pid);
     assert.ok(workers.length >= 1, 'the master has its workers');

@@ -3,9 +3,10 @@
 // the last, come back and break the loop), and every message must end in one outcome.
 import assert from 'node:assert/strict';
 import { rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { crashJournalPath } from '../../src/service.ts';
+import { crashJournalPath } from '../../src/service/service.ts';
 import {
   broker,
   cliArgs,
@@ -15,7 +16,7 @@ import {
   spawnCli,
   startCliService,
   waitFor,
-} from '../helpers.ts';
+} from '../support/helpers.ts';
 
 const TOKEN = 'hostile-test-token';
 const BOMB = fileURLToPath(new URL('../fixtures/master-bomb.ts', import.meta.url));
@@ -127,7 +128,7 @@ test('a storm of ten SIGHUPs, ten SIGTTINs and ten SIGTTOUs under load: the serv
 
 test('a message the master dies on: after three deaths the next master dead-letters it as crashed and goes on', async (t) => {
   const queue = freshName(t);
-  const journal = crashJournalPath(queue);
+  const journal = crashJournalPath(tmpdir(), queue);
   t.after(() => rmSync(journal, { force: true }));
   const b = await broker(t);
   b.cleanup(queue, `${queue}.dead`);

@@ -6,7 +6,7 @@ import { once } from 'node:events';
 import { createServer } from 'node:net';
 import { test } from 'node:test';
 import { promisify } from 'node:util';
-import type { StatusReport } from '../../src/http.ts';
+import type { StatusReport } from '../../src/http/server.ts';
 import {
   AMQP_URL,
   type Broker,
@@ -17,7 +17,7 @@ import {
   type spawnCli,
   startCliService,
   waitFor,
-} from '../helpers.ts';
+} from '../support/helpers.ts';
 
 type TestContext = Parameters<typeof spawnCli>[0];
 const run = promisify(execFile);

@@ -4,7 +4,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { freshName, getJson, startCliService, waitFor } from '../helpers.ts';
+import { freshName, getJson, startCliService, waitFor } from '../support/helpers.ts';
 
 test('SIGTTIN adds a worker, SIGTTOU removes one, SIGHUP runs new task code; nothing lost', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'signals-'));

@@ -5,9 +5,9 @@
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { test } from 'node:test';
-import { faultsUnavailable, raiseMemoryAlarm } from '../broker-faults.ts';
-import { AMQP_URL, broker, startService, testConfig, waitFor } from '../helpers.ts';
-import { runsFile, tally } from '../load.ts';
+import { faultsUnavailable, raiseMemoryAlarm } from '../support/broker-faults.ts';
+import { AMQP_URL, broker, startService, testConfig, waitFor } from '../support/helpers.ts';
+import { runsFile, tally } from '../support/load.ts';
 
 const skip = await faultsUnavailable(AMQP_URL);
 

@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { Options } from 'amqplib';
 import fc from 'fast-check';
-import { broker, startService, testConfig, waitFor } from '../helpers.ts';
+import { broker, startService, testConfig, waitFor } from '../support/helpers.ts';
 
 const funcName = fc.oneof(
   fc.constantFrom('add', 'echo', 'fail', 'throwString', 'context', 'unserializable', 'crash'),

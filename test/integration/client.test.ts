@@ -4,9 +4,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { GetMessage } from 'amqplib';
-import { type Client, ClientError, createClient, TaskCallError } from '../../src/client.ts';
+import { type Client, createClient } from '../../src/client/client.ts';
+import { ClientError, TaskCallError } from '../../src/errors.ts';
 import type * as fixtures from '../fixtures/tasks.ts';
-import { AMQP_URL, type Broker, broker, freshName, startService, testConfig } from '../helpers.ts';
+import { AMQP_URL, type Broker, broker, freshName, startService, testConfig } from '../support/helpers.ts';
 
 type TestContext = Parameters<typeof broker>[0];
 

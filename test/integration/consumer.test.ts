@@ -2,8 +2,9 @@
 import assert from 'node:assert/strict';
 import { type TestContext, test } from 'node:test';
 import pino from 'pino';
-import { AmqpConsumer, type ConsumerOptions, type Delivery } from '../../src/amqp-consumer.ts';
-import { AMQP_URL, broker, freshName, waitFor } from '../helpers.ts';
+import { AddressList } from '../../src/amqp/connection.ts';
+import { AmqpConsumer, type ConsumerOptions, type Delivery } from '../../src/amqp/consumer.ts';
+import { AMQP_URL, broker, freshName, waitFor } from '../support/helpers.ts';
 
 /**
  * A consumer of a fresh queue of `queueType` (with prefetch 2), started; closed and its
@@ -12,7 +13,11 @@ import { AMQP_URL, broker, freshName, waitFor } from '../helpers.ts';
 async function startConsumer(
   t: TestContext,
   queueType: 'classic' | 'quorum',
-  options: Pick<ConsumerOptions, 'logger' | 'onDelivery' | 'consumerTimeoutMs'>,
+  {
+    consumerTimeoutMs,
+    ...options
+  }: Pick<ConsumerOptions, 'logger' | 'onDelivery'> &
+    Partial<Pick<ConsumerOptions, 'addresses' | 'urls' | 'reconnect'>> & { consumerTimeoutMs?: number },
 ) {
   const b = await broker(t);
   const queue = freshName(t);
@@ -27,6 +32,7 @@ async function startConsumer(
       queueType,
       deliveryLimit: 0,
       retryDelaysMs: [],
+      ...(consumerTimeoutMs === undefined ? {} : { consumerTimeoutMs }),
     },
     prefetch: 2,
     ...options,
@@ -71,23 +77,113 @@ for (const queueType of ['classic', 'quorum'] as const) {
 }
 
 for (const queueType of ['classic', 'quorum'] as const) {
-  test(`a consumer timeout the broker refuses or ignores still ends in consuming (${queueType})`, async (t) => {
+  test(`a consumer timeout the broker ignores still ends in consuming, with a warning (${queueType})`, async (t) => {
     const logs: string[] = [];
     const logger = pino({ level: 'warn' }, { write: (line: string) => logs.push(line) });
     const { b, consumer } = await startConsumer(t, queueType, {
-      // An hour: past the broker's default, so it is asked for.
+      // An hour: past the broker's default, so that a broker which ignores it is worth a warning.
       consumerTimeoutMs: 3_600_000,
       logger,
       onDelivery: () => {},
     });
     await waitFor('consuming', () => consumer.state === 'consuming');
     const version = String(b.connection.connection.serverProperties.version);
-    // 4.3.2 and later refuse it on a classic queue; 3.10 ignores it: then a warning says
-    // what the broker's own setting must be.
+    // 3.10 ignores it: a warning says what the broker's own setting must be. 4.3 refuses it
+    // on a classic queue, which no longer times out there: it is not sent, nothing to say.
     const warned = logs.some((l) => l.includes('consumer-timeout') && l.includes('neededMs'));
     t.diagnostic(`RabbitMQ ${version}, ${queueType}: ${warned ? 'warned' : 'taken'}`);
-    const refuses = queueType === 'classic' && /^4\.(3|[4-9])\./.test(version);
-    const ignores = /^3\.(10|11)\./.test(version);
-    assert.equal(warned, refuses || ignores);
+    assert.equal(warned, /^3\.(10|11)\./.test(version));
   });
 }
+
+test('a quorum queue declared before with another x-consumer-timeout is taken as it is, and said once', async (t) => {
+  const b = await broker(t);
+  const queue = freshName(t);
+  b.cleanup(queue, `${queue}.dead`);
+  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
+  const consumerWith = (consumerTimeoutMs: number, lines: string[]) => {
+    const consumer: AmqpConsumer = new AmqpConsumer({
+      urls: [AMQP_URL],
+      connectTimeoutMs: 10_000,
+      topology: {
+        exchange: `${queue}.x`,
+        queue,
+        routingKey: 'rk',
+        queueType: 'quorum',
+        deliveryLimit: 5,
+        retryDelaysMs: [],
+        consumerTimeoutMs,
+      },
+      prefetch: 2,
+      logger: pino({ level: 'info' }, { write: (line: string) => lines.push(line) }),
+      onDelivery: (d) => consumer.ack(d),
+    });
+    t.after(() => consumer.close());
+    consumer.start();
+    return consumer;
+  };
+  // An earlier deployment, with another --worker-timeout: 4.3 compares this argument both ways.
+  const earlier = consumerWith(600_000, []);
+  await waitFor('the earlier one consuming', () => earlier.state === 'consuming');
+  await earlier.close();
+  const lines: string[] = [];
+  const consumer = consumerWith(900_000, lines);
+  await waitFor('consuming', () => consumer.state === 'consuming');
+  await b.channel.publish(`${queue}.x`, 'rk', Buffer.from('{"func":"add","args":[1,2]}'));
+  await waitFor('the message acked', async () => (await b.channel.checkQueue(queue)).messageCount === 0);
+  const version = String(b.connection.connection.serverProperties.version);
+  const kept = lines.filter((l) => l.includes('keeps the x-consumer-timeout'));
+  t.diagnostic(`RabbitMQ ${version}: ${kept.length === 1 ? 'kept, said once' : 'declared'}`);
+  // 4.0 takes any value on a redeclare; 3.10 is not sent one; 4.3 refuses a different one.
+  assert.equal(kept.length, /^4\.([3-9])\./.test(version) ? 1 : 0);
+});
+
+/** A logger whose lines a test can read. */
+function memoryLogger() {
+  const lines: { level: number; msg: string }[] = [];
+  const logger = pino({ level: 'debug' }, { write: (line: string) => lines.push(JSON.parse(line)) });
+  return { logger, lines };
+}
+
+/** The URL of AMQP_URL's broker with a user the broker does not know. */
+function unknownUser(): string {
+  const url = new URL(AMQP_URL);
+  url.username = 'no-such-user';
+  url.password = 'wrong';
+  return url.toString();
+}
+
+test('no URL given: a refused default account moves on to the next at once, and the one that works is kept', async (t) => {
+  const { logger, lines } = memoryLogger();
+  const addresses = AddressList.accounts([unknownUser(), AMQP_URL]);
+  const { consumer } = await startConsumer(t, 'classic', { logger, onDelivery: () => {}, addresses });
+  await waitFor('consuming through the second account', () => consumer.state === 'consuming');
+  assert.equal(consumer.broker, new URL(AMQP_URL).toString().replace(/:[^:@/]*@/, ':***@'));
+  assert.equal(
+    lines.filter((l) => l.msg.includes('refused the login of no-such-user; trying the next')).length,
+    1,
+  );
+  assert.equal(lines.filter((l) => l.level >= 50).length, 0, 'no error line');
+  assert.equal(addresses.next(), AMQP_URL, 'the account that worked is the one tried next');
+});
+
+test('a refused login on a URL the user gave is one clear line, then quiet retries with backoff', async (t) => {
+  const { logger, lines } = memoryLogger();
+  const { consumer } = await startConsumer(t, 'classic', {
+    logger,
+    onDelivery: () => {},
+    urls: [unknownUser()],
+    reconnect: { initialMs: 10, maxMs: 40 },
+  });
+  await waitFor(
+    'a few refused logins',
+    () => lines.filter((l) => l.msg === 'login refused again').length >= 3,
+  );
+  const loud = lines.filter((l) => l.level >= 40);
+  assert.equal(loud.length, 1, JSON.stringify(loud));
+  assert.match(
+    loud[0]?.msg ?? '',
+    /refused the login of no-such-user: check the user and password in --amqp-url/,
+  );
+  assert.equal(consumer.state, 'connecting');
+});

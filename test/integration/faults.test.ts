@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { existsSync, readFileSync } from 'node:fs';
 import { test } from 'node:test';
-import { closeConnections, faultsUnavailable, startBroker, stopBroker } from '../broker-faults.ts';
+import { closeConnections, faultsUnavailable, startBroker, stopBroker } from '../support/broker-faults.ts';
 import {
   AMQP_URL,
   type Broker,
@@ -17,8 +17,8 @@ import {
   startService,
   testConfig,
   waitFor,
-} from '../helpers.ts';
-import { runCounts, runsFile } from '../load.ts';
+} from '../support/helpers.ts';
+import { runCounts, runsFile } from '../support/load.ts';
 
 const skip = await faultsUnavailable(AMQP_URL);
 
@@ -116,7 +116,7 @@ test('a busy worker killed from outside loses nothing: the task is retried and t
   let killed = 0;
   for (const pid of children) {
     const cmd = existsSync(`/proc/${pid}/cmdline`) ? readFileSync(`/proc/${pid}/cmdline`, 'utf8') : '';
-    if (cmd.includes('child.ts')) {
+    if (cmd.includes('worker/entry.ts')) {
       process.kill(pid, 'SIGKILL');
       killed++;
     }

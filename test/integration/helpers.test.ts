@@ -3,7 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { GetMessage } from 'amqplib';
-import { broker, freshName, waitFor } from '../helpers.ts';
+import { broker, freshName, waitFor } from '../support/helpers.ts';
 
 test("a channel the broker closes fails the test's waits and helper calls at once, with the broker's reason", async (t) => {
   const b = await broker(t);

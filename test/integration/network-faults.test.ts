@@ -6,12 +6,20 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pino from 'pino';
-import { Service } from '../../src/service.ts';
-import { resolveTaskModule } from '../../src/task-module.ts';
-import { closeConnections, faultsUnavailable, unackedCount } from '../broker-faults.ts';
-import { proxyFor } from '../fault-proxy.ts';
-import { AMQP_URL, broker, ROOT, seriesValue, startService, testConfig, waitFor } from '../helpers.ts';
-import { publishRecords, runsFile, tally } from '../load.ts';
+import { Service } from '../../src/service/service.ts';
+import { resolveTaskModule } from '../../src/worker/task-module.ts';
+import { closeConnections, faultsUnavailable, unackedCount } from '../support/broker-faults.ts';
+import { proxyFor } from '../support/fault-proxy.ts';
+import {
+  AMQP_URL,
+  broker,
+  ROOT,
+  seriesValue,
+  startService,
+  testConfig,
+  waitFor,
+} from '../support/helpers.ts';
+import { publishRecords, runsFile, tally } from '../support/load.ts';
 
 const faultsOk = (await faultsUnavailable(AMQP_URL)) === undefined;
 

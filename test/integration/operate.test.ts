@@ -4,8 +4,8 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import type { Broker } from '../helpers.ts';
-import { broker, seriesValue, startService, testConfig, waitFor } from '../helpers.ts';
+import type { Broker } from '../support/helpers.ts';
+import { broker, seriesValue, startService, testConfig, waitFor } from '../support/helpers.ts';
 
 async function call(b: Broker, queue: string, replyQueue: string, body: object, id: string) {
   await b.send(queue, body, { replyTo: replyQueue, correlationId: id, messageId: id });
@@ -125,7 +125,7 @@ test('at the time limit the AbortSignal fires: a task that honours it ends as ti
     ok: false,
     error: {
       kind: 'timeout',
-      message: 'task ran past the worker timeout of 0.3 s and stopped on its AbortSignal',
+      message: 'task ran past its time limit of 0.3 s and stopped on its AbortSignal',
     },
   });
   assert.equal(got.get('before')?.result, got.get('after')?.result, 'the same worker');
@@ -143,7 +143,7 @@ test('a task that ignores the AbortSignal is killed after the grace', async (t) 
   const [reply] = await b.take(replies.queue, 1);
   assert.deepEqual(JSON.parse(String(reply?.content)).error, {
     kind: 'timeout',
-    message: 'task ran past the worker timeout of 0.2 s',
+    message: 'task ran past its time limit of 0.2 s',
   });
   await waitFor(
     'the restart',

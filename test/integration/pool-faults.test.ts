@@ -10,27 +10,18 @@ import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import fc from 'fast-check';
 import pino from 'pino';
-import { type TaskResult, WorkerPool } from '../../src/pool.ts';
+import { type JobResult, Pool } from '../../src/pool/pool.ts';
 import {
+  alive,
   broker,
   FIXTURE_TASKS,
   taskRequest as request,
   startService,
   testConfig,
   waitFor,
-} from '../helpers.ts';
+} from '../support/helpers.ts';
 
 const logger = pino({ level: 'silent' });
-
-function alive(pid: number | undefined): boolean {
-  if (pid === undefined) return false;
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
 type Op =
   | { op: 'resize'; n: number }
@@ -54,7 +45,7 @@ const ops: fc.Arbitrary<Op> = fc.oneof(
 test('property: any interleaving of resize, reload, kill and timeouts resolves every task once and converges', async () => {
   await fc.assert(
     fc.asyncProperty(fc.array(ops, { minLength: 1, maxLength: 10 }), async (sequence) => {
-      const pool = new WorkerPool({
+      const pool = new Pool({
         size: 2,
         moduleUrl: pathToFileURL(FIXTURE_TASKS).href,
         taskTimeoutMs: 300,
@@ -67,7 +58,7 @@ test('property: any interleaving of resize, reload, kill and timeouts resolves e
       });
       await pool.start();
       const pids = new Set<number>();
-      const results: Promise<TaskResult>[] = [];
+      const results: Promise<JobResult>[] = [];
       let resolved = 0;
       const reloads: Promise<void>[] = [];
       try {
@@ -122,7 +113,7 @@ test('property: any interleaving of resize, reload, kill and timeouts resolves e
 });
 
 test('a timeout kill keeps the results the child wrote before it: only the task that ran long is a timeout', async (t) => {
-  const pool = new WorkerPool({
+  const pool = new Pool({
     size: 1,
     moduleUrl: pathToFileURL(FIXTURE_TASKS).href,
     taskTimeoutMs: 400,
@@ -156,7 +147,7 @@ test('during a reload, a function only the new code exports goes only to new wor
   const oldCode =
     'export async function old(ms) { await new Promise((r) => setTimeout(r, ms)); return "old"; }';
   writeFileSync(module, oldCode);
-  const pool = new WorkerPool({
+  const pool = new Pool({
     size: 3,
     moduleUrl: pathToFileURL(module).href,
     taskTimeoutMs: 5_000,
@@ -168,7 +159,7 @@ test('during a reload, a function only the new code exports goes only to new wor
   // first new worker says ready.
   const busy = pool.run(request('old', [800]));
   writeFileSync(module, `${oldCode}\nexport function fresh() { return "new"; }`);
-  const fresh: Promise<TaskResult>[] = [];
+  const fresh: Promise<JobResult>[] = [];
   const onChange = () => {
     if (fresh.length > 0 || !pool.funcs.has('fresh')) return;
     // In the same turn as the new worker's ready: old idle workers are still live.
@@ -185,7 +176,7 @@ test('during a reload, a function only the new code exports goes only to new wor
 });
 
 test('a child running a backlog of synchronous tasks hears a cancel: the drain takes the rest back', async (t) => {
-  const pool = new WorkerPool({
+  const pool = new Pool({
     size: 1,
     moduleUrl: pathToFileURL(FIXTURE_TASKS).href,
     taskTimeoutMs: 5_000,

@@ -8,16 +8,16 @@ import { test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import pino from 'pino';
 import type { ServiceError } from '../../src/errors.ts';
-import { WorkerPool } from '../../src/pool.ts';
-import { FIXTURE_TASKS, taskRequest as request, waitFor } from '../helpers.ts';
+import { Pool } from '../../src/pool/pool.ts';
+import { FIXTURE_TASKS, taskRequest as request, waitFor } from '../support/helpers.ts';
 
 const logger = pino({ level: 'silent' });
 
 function pool(
   t: { after: (fn: () => unknown) => void },
-  opts: Partial<ConstructorParameters<typeof WorkerPool>[0]> = {},
+  opts: Partial<ConstructorParameters<typeof Pool>[0]> = {},
 ) {
-  const p = new WorkerPool({
+  const p = new Pool({
     size: 2,
     moduleUrl: pathToFileURL(FIXTURE_TASKS).href,
     taskTimeoutMs: 5_000,

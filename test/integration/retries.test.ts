@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import type { GetMessage } from 'amqplib';
-import { broker, freshName, startService, testConfig, waitFor } from '../helpers.ts';
+import { broker, freshName, startService, testConfig, waitFor } from '../support/helpers.ts';
 
 function tempDir(t: { after: (fn: () => unknown) => void }): string {
   const dir = mkdtempSync(join(tmpdir(), 'retries-'));

@@ -13,10 +13,10 @@ import { Service } from 'kubernetes-models/v1/Service';
 import pino from 'pino';
 import { Registry } from 'prom-client';
 import { parseAllDocuments, parse as parseYaml } from 'yaml';
-import { buildServer, ROUTES } from '../../src/http.ts';
-import { SERVICE_METRIC_NAMES } from '../../src/metrics.ts';
-import { OUTCOMES } from '../../src/outcome.ts';
-import { ROOT } from '../helpers.ts';
+import { OUTCOMES } from '../../src/dispatch/outcome.ts';
+import { buildServer, ROUTES } from '../../src/http/server.ts';
+import { SERVICE_METRIC_NAMES } from '../../src/metrics/metrics.ts';
+import { ROOT } from '../support/helpers.ts';
 
 const read = (path: string) => readFileSync(join(ROOT, path), 'utf8');
 // biome-ignore lint/suspicious/noExplicitAny: parsed YAML and JSON documents, walked by known paths
@@ -34,7 +34,7 @@ function servedRoutes() {
   const app = buildServer({
     health: () => ({
       status: 'ok',
-      amqp: { connected: true, blocked: false },
+      amqp: { connected: true, blocked: false, paused: false },
       workers: { desired: 1, up: 1, busy: 0 },
       tasksInFlight: 0,
     }),
@@ -42,6 +42,8 @@ function servedRoutes() {
       throw new Error('unused');
     },
     setWorkers: () => {},
+    cancel: () => 'remembered',
+    dead: async () => ({ letters: [], seen: 0, matched: 0, acted: 0, failed: 0, possibleDuplicates: [] }),
     registry: new Registry(),
     requestShutdown: () => {},
     shutdownToken: undefined,
@@ -107,6 +109,7 @@ test('the test image has what the suite reads and runs: the shipping files, ps, 
     'Dockerfile',
     '.dockerignore',
     'deploy',
+    'docs',
     'src',
     'tasks',
     'test',

@@ -1,0 +1,150 @@
+// When a session's acks go out, against a fake channel that records the frames.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import type { Channel } from 'amqplib';
+import { AckFlusher } from '../../../src/amqp/ack-flusher.ts';
+
+function channel() {
+  const frames: [tag: number, multiple: boolean][] = [];
+  const ch = {
+    ack: (m: { fields: { deliveryTag: number } }, multiple: boolean) =>
+      frames.push([m.fields.deliveryTag, multiple]),
+  } as unknown as Channel;
+  return { ch, frames };
+}
+
+const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
+const later = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
+
+test('acks reaching the threshold go out at the end of the turn as one multiple ack', async () => {
+  const { ch, frames } = channel();
+  const f = new AckFlusher(ch, 3);
+  for (const tag of [1, 2, 3]) f.delivered(tag);
+  for (const tag of [1, 2, 3]) f.ack(tag);
+  await turn();
+  assert.deepEqual(frames, [[3, true]]);
+  assert.equal(f.pending, 0);
+});
+
+test('below the threshold they go out within a few ms; one above a running task waits, then goes alone', async () => {
+  const { ch, frames } = channel();
+  const f = new AckFlusher(ch, 100);
+  for (const tag of [1, 2, 3]) f.delivered(tag);
+  f.ack(1);
+  f.ack(3); // 2 still runs
+  await later(3);
+  assert.deepEqual(frames, [[1, true]], 'the multiple ack goes; 3 is held behind 2');
+  await later(15);
+  assert.deepEqual(frames, [
+    [1, true],
+    [3, false],
+  ]);
+});
+
+test('a nack or reject (settled) no longer holds back a multiple ack', async () => {
+  const { ch, frames } = channel();
+  const f = new AckFlusher(ch, 2);
+  for (const tag of [1, 2, 3]) f.delivered(tag);
+  f.settled(1);
+  f.ack(2);
+  f.ack(3);
+  await turn();
+  assert.deepEqual(frames, [[3, true]]);
+});
+
+test('once stopped (its channel gone) nothing is sent and no timer is left', async () => {
+  const { ch, frames } = channel();
+  const f = new AckFlusher(ch, 100);
+  f.delivered(1);
+  f.ack(1);
+  f.stop();
+  f.ack(1);
+  f.flush();
+  await later(10);
+  assert.deepEqual(frames, []);
+});
+
+test('fences: acks written are confirmed when a fence after them is answered; one fence at a time', async () => {
+  const { ch, frames } = channel();
+  const fences: (() => void)[] = [];
+  const confirmed: number[][] = [];
+  const f = new AckFlusher(ch, 1, {
+    run: () => new Promise<void>((resolve) => fences.push(resolve)),
+    onConfirmed: (tags) => confirmed.push(tags),
+    onUnanswered: () => assert.fail('no fence was late'),
+  });
+  for (const tag of [1, 2, 3]) f.delivered(tag);
+  f.ack(1);
+  await turn();
+  await later(40);
+  assert.equal(fences.length, 1, 'a fence after the acks went out');
+  f.ack(2);
+  f.ack(3);
+  await turn();
+  await later(40);
+  assert.equal(fences.length, 1, 'the next waits for the answer');
+  fences[0]?.();
+  await later(40);
+  assert.deepEqual(confirmed, [[1]]);
+  assert.equal(fences.length, 2, 'and then covers what came meanwhile');
+  fences[1]?.();
+  await later(1);
+  assert.deepEqual(confirmed, [[1], [2, 3]]);
+  assert.deepEqual(frames, [
+    [1, true],
+    [3, true],
+  ]);
+  f.stop();
+});
+
+test('a fence not answered by its deadline says the link is dead', async (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
+  const { ch } = channel();
+  let unanswered = 0;
+  const f = new AckFlusher(ch, 1, {
+    run: () => new Promise<void>(() => {}),
+    onConfirmed: () => assert.fail('nothing was confirmed'),
+    onUnanswered: () => unanswered++,
+  });
+  f.delivered(1);
+  f.ack(1);
+  t.mock.timers.tick(1);
+  t.mock.timers.tick(25);
+  t.mock.timers.tick(2_999);
+  assert.equal(unanswered, 0);
+  t.mock.timers.tick(1);
+  assert.equal(unanswered, 1);
+  f.stop();
+});
+
+test('with no ack going out, a fence is still sent every 2 s: a silent link is noticed in a lull too', async (t) => {
+  const { ch } = channel();
+  let sent = 0;
+  let unanswered = 0;
+  const f = new AckFlusher(ch, 1, {
+    run: () => {
+      sent++;
+      return new Promise<void>(() => {});
+    },
+    onConfirmed: () => {},
+    onUnanswered: () => unanswered++,
+  });
+  t.after(() => f.stop());
+  const started = performance.now();
+  await later(1_500);
+  assert.equal(sent, 0, 'not before 2 s');
+  // Timers only ever fire late on a busy machine: wait for each with a generous ceiling.
+  const until = async (what: string, done: () => boolean) => {
+    const ceiling = performance.now() + 20_000;
+    while (!done()) {
+      assert.ok(performance.now() < ceiling, `${what} within 20 s`);
+      await later(50);
+    }
+  };
+  await until('a probe fence', () => sent === 1);
+  assert.ok(performance.now() - started >= 2_000, 'the probe came after 2 s of quiet');
+  const probedAt = performance.now();
+  await until('its deadline', () => unanswered === 1);
+  assert.ok(performance.now() - probedAt >= 2_900, 'unanswered only past its 3 s deadline');
+  assert.equal(sent, 1, 'one fence at a time');
+});

@@ -1,0 +1,241 @@
+// The scheduler against fake slots: placement, pipelining depth, give-back and
+// rebalancing, without a process or a timer.
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import fc from 'fast-check';
+import { Job, type JobResult } from '../../../src/pool/job.ts';
+import { Scheduler, type SchedulerSlot } from '../../../src/pool/scheduler.ts';
+import type { SlotState } from '../../../src/pool/slot.ts';
+
+class FakeSlot implements SchedulerSlot {
+  readonly name: string;
+  funcs: ReadonlySet<string>;
+  isUp = true;
+  isLive = true;
+  /** Tasks held: the first runs. */
+  jobs: Job[] = [];
+  /** How many it may hold at once, whatever the depth. */
+  capacity: number;
+  hands: Job[][] = [];
+  takeBacks = 0;
+
+  constructor(name: string, funcs: string[] = ['f'], capacity = 64) {
+    this.name = name;
+    this.funcs = new Set(funcs);
+    this.capacity = capacity;
+  }
+  get state(): SlotState {
+    if (!this.isUp) return 'starting';
+    return this.jobs.length > 0 ? 'busy' : 'idle';
+  }
+  get held(): number {
+    return this.jobs.length;
+  }
+  get running(): Job | undefined {
+    return this.jobs[0];
+  }
+  canTake(planned: number, depth: number): boolean {
+    const load = this.jobs.length + planned;
+    return this.isUp && load < Math.min(depth, this.capacity);
+  }
+  hand(jobs: Job[]): void {
+    this.hands.push(jobs);
+    if (this.jobs.length === 0 && jobs[0] !== undefined) jobs[0].startedAt = performance.now();
+    this.jobs.push(...jobs);
+  }
+  takeBack(): void {
+    this.takeBacks++;
+  }
+  /** The running task ends. */
+  finish(): Job | undefined {
+    return this.jobs.shift();
+  }
+}
+
+let nextId = 1;
+function job(func = 'f', abandoned = false): { job: Job; results: JobResult[] } {
+  const results: JobResult[] = [];
+  const j = new Job(
+    nextId++,
+    {
+      func,
+      args: [],
+      kwargs: undefined,
+      messageId: undefined,
+      redelivered: false,
+      attempt: 1,
+      wantResult: false,
+      abandoned: () => abandoned,
+    },
+    (r) => results.push(r),
+  );
+  return { job: j, results };
+}
+
+const scheduler = (maxPipeline = 64, maxTasksPerWorker = 0) =>
+  new Scheduler({ maxPipeline, maxTasksPerWorker });
+
+test('untimed tasks go one per slot, least loaded first, the rest wait in order', () => {
+  const s = scheduler();
+  const a = new FakeSlot('a');
+  const b = new FakeSlot('b');
+  const jobs = [job(), job(), job()].map((j) => j.job);
+  for (const j of jobs) s.push(j);
+  assert.equal(s.dispatch([a, b]), true);
+  assert.deepEqual([a.jobs, b.jobs], [[jobs[0]], [jobs[1]]]);
+  assert.equal(s.queued, 1);
+  a.finish();
+  s.dispatch([a, b]);
+  assert.deepEqual(a.jobs, [jobs[2]]);
+  assert.equal(s.queued, 0);
+});
+
+test('tiny tasks pipeline: one hand() carries a batch, no deeper than maxPipeline', () => {
+  const s = scheduler(8);
+  for (let i = 0; i < 20; i++) s.recordRun(0.01);
+  const a = new FakeSlot('a');
+  for (let i = 0; i < 30; i++) s.push(job().job);
+  s.dispatch([a]);
+  assert.equal(a.hands.length, 1, 'one message to the child');
+  assert.equal(a.held, 8);
+  assert.equal(s.queued, 22);
+});
+
+test('long tasks do not pipeline: each slot holds one', () => {
+  const s = scheduler(64);
+  s.recordRun(500);
+  const a = new FakeSlot('a');
+  for (let i = 0; i < 3; i++) s.push(job().job);
+  s.dispatch([a]);
+  assert.equal(a.held, 1);
+});
+
+test('during a reload, a task goes to a slot whose code exports its func, never another', () => {
+  const s = scheduler();
+  const old = new FakeSlot('old', ['f']);
+  const fresh = new FakeSlot('new', ['f', 'g']);
+  fresh.jobs.push(job('g').job); // busy
+  const g = job('g').job;
+  const f = job('f').job;
+  s.push(g);
+  s.push(f);
+  s.dispatch([old, fresh]);
+  assert.deepEqual(old.jobs, [f], 'f passed g, which waits for the slot that knows it');
+  assert.equal(s.queued, 1);
+  fresh.finish();
+  s.dispatch([old, fresh]);
+  assert.deepEqual(fresh.jobs, [g]);
+});
+
+test('a func no slot exports goes to any slot (its child answers: unknown func)', () => {
+  const s = scheduler();
+  const a = new FakeSlot('a', ['f']);
+  const nope = job('nope').job;
+  s.push(nope);
+  s.dispatch([a]);
+  assert.deepEqual(a.jobs, [nope]);
+});
+
+test('nobody can take anything: the queue is left as it was', () => {
+  const s = scheduler();
+  const a = new FakeSlot('a');
+  a.isUp = false;
+  const jobs = [job(), job()].map((j) => j.job);
+  for (const j of jobs) s.push(j);
+  assert.equal(s.dispatch([a]), false);
+  assert.equal(s.queued, 2);
+});
+
+test('an abandoned task is given back at dispatch, never handed out', () => {
+  const s = scheduler();
+  const a = new FakeSlot('a');
+  const dead = job('f', true);
+  const live = job('f');
+  s.push(dead.job);
+  s.push(live.job);
+  s.dispatch([a]);
+  assert.deepEqual(a.jobs, [live.job]);
+  assert.deepEqual(dead.results, [{ outcome: 'returned', reason: 'its channel closed before it started' }]);
+});
+
+test('give-back takes the newest first; requeue puts tasks back at the front, in order', () => {
+  const s = scheduler();
+  const made = [job(), job(), job(), job()];
+  for (const m of made) s.push(m.job);
+  assert.equal(s.giveBack(2, 'window shrank'), 2);
+  assert.deepEqual(
+    made.map((m) => m.results.length),
+    [0, 0, 1, 1],
+  );
+  const back = [job().job, job().job];
+  s.requeue(back);
+  const a = new FakeSlot('a', ['f'], 1);
+  const b = new FakeSlot('b', ['f'], 1);
+  s.dispatch([a, b]);
+  assert.deepEqual([a.jobs[0], b.jobs[0]], back);
+  s.giveBackAll('drain');
+  assert.equal(s.queued, 0);
+  assert.equal(made[0]?.results[0]?.outcome, 'returned');
+});
+
+test('an idle slot with nothing queued takes back what waits behind a long task elsewhere', async () => {
+  const s = scheduler();
+  const idle = new FakeSlot('idle');
+  const stuck = new FakeSlot('stuck');
+  stuck.hand([job().job, job().job]);
+  (stuck.jobs[0] as Job).startedAt = performance.now() - 1_000;
+  s.dispatch([idle, stuck]);
+  assert.equal(stuck.takeBacks, 1);
+  const short = new FakeSlot('short');
+  short.hand([job().job, job().job]);
+  s.dispatch([idle, short]);
+  assert.equal(short.takeBacks, 0, 'a task that just started is not long');
+});
+
+test('over any mix of slots and tasks, every task is handed once or still queued, in order per slot', () => {
+  fc.assert(
+    fc.property(
+      fc.array(
+        fc.record({
+          funcs: fc.subarray(['f', 'g', 'h'], { minLength: 1 }),
+          up: fc.boolean(),
+          cap: fc.integer({ min: 1, max: 4 }),
+        }),
+        {
+          minLength: 1,
+          maxLength: 5,
+        },
+      ),
+      fc.array(fc.constantFrom('f', 'g', 'h', 'x'), { maxLength: 40 }),
+      fc.option(fc.double({ min: 0.001, max: 100, noNaN: true })),
+      (slotSpecs, funcs, avg) => {
+        const s = scheduler(8);
+        if (avg !== null) s.recordRun(avg);
+        const slots = slotSpecs.map((spec, i) => {
+          const slot = new FakeSlot(`s${i}`, spec.funcs, spec.cap);
+          slot.isUp = spec.up;
+          return slot;
+        });
+        const jobs = funcs.map((f) => job(f).job);
+        for (const j of jobs) s.push(j);
+        s.dispatch(slots);
+        const handed = slots.flatMap((slot) => slot.jobs);
+        assert.equal(handed.length + s.queued, jobs.length);
+        assert.equal(new Set(handed).size, handed.length);
+        for (const slot of slots) {
+          if (!slot.isUp) assert.equal(slot.held, 0);
+          assert.ok(slot.held <= slot.capacity);
+          const ids = slot.jobs.map((j) => j.taskId);
+          assert.deepEqual(
+            ids,
+            [...ids].sort((x, y) => x - y),
+            'a slot gets its tasks in queue order',
+          );
+          const knownAnywhere = (f: string) => slots.some((o) => o.isUp && o.funcs.has(f));
+          for (const j of slot.jobs)
+            assert.ok(slot.funcs.has(j.request.func) || !knownAnywhere(j.request.func));
+        }
+      },
+    ),
+  );
+});
