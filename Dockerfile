@@ -9,6 +9,10 @@ WORKDIR /app
 # dumb-init as PID 1, in single-child mode (-c): it reaps orphans and forwards every
 # signal to the master alone, SIGTTIN and SIGTTOU included (tini ignores those two, so
 # `docker kill --signal TTIN` would never resize the pool under tini).
+# Single-child mode, not dumb-init's process-group mode: in that mode TTIN and TTOU stop
+# the whole group (job control) instead of reaching the master. What a task starts is
+# killed anyway: each worker leads a process group of its own, and the master kills that
+# group at a timeout, a recycle and a drain.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends dumb-init \
  && rm -rf /var/lib/apt/lists/*
@@ -33,7 +37,7 @@ STOPSIGNAL SIGTERM
 # builder, e.g. dockerd 20.10) rejects the flag, so the interval itself is kept short.
 HEALTHCHECK --interval=5s --timeout=3s --start-period=30s --retries=3 \
   CMD ["node", "-e", "fetch('http://127.0.0.1:'+(process.env.HTTP_PORT||8080)+'/health/live').then(r=>process.exit(r.ok?0:1),()=>process.exit(1))"]
-ENTRYPOINT ["/usr/bin/dumb-init", "-c", "--", "node", "src/cli.ts"]
+ENTRYPOINT ["/usr/bin/dumb-init", "-c", "--", "node", "src/cli/main.ts"]
 
 # `docker compose run --rm test`: the suite against the compose RabbitMQ. procps for the
 # tests that look for processes with `ps`; dumb-init as PID 1 reaps the workers the tests
@@ -49,6 +53,8 @@ COPY src ./src
 COPY tasks ./tasks
 COPY test ./test
 COPY deploy ./deploy
+# docs/: the architecture test checks that the code cites only documents that exist.
+COPY docs ./docs
 USER node
 ENTRYPOINT ["/usr/bin/dumb-init", "-c", "--"]
 CMD ["npm", "test"]

@@ -7,10 +7,12 @@ import { once } from 'node:events';
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import amqp, { type ConfirmChannel } from 'amqplib';
+import { testBrokerUrl } from '../test/support/broker-url.ts';
 import { type ClusterFigures, clusterConnection, clusterPhase, rawRate } from './cluster.ts';
 import { rateUntil, type ServiceProcess, sleep, startServiceProcess } from './service-process.ts';
 
-const AMQP_URL = process.env.AMQP_URL ?? 'amqp://testuser:testuser@localhost:5672/';
+/** AMQP_URL, or the default account the local broker accepts (as the tests choose). */
+const AMQP_URL = await testBrokerUrl();
 const QUICK = process.argv.includes('--quick');
 const JSON_OUT = process.argv.includes('--json');
 const N = QUICK ? 10_000 : 40_000;

@@ -9,7 +9,7 @@ import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import amqp, { type ChannelModel, type ConfirmChannel } from 'amqplib';
-import { declareTopology } from '../src/topology.ts';
+import { declareTopology } from '../src/amqp/topology.ts';
 import { rateUntil, startServiceProcess } from './service-process.ts';
 
 const KIT = fileURLToPath(new URL('../../shared/rabbitmq-versions', import.meta.url));
