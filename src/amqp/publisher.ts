@@ -58,6 +58,8 @@ interface Session {
   /** Publishes waiting for their confirm, in publish order. */
   pending: Pending[];
   watchdog: NodeJS.Timeout | undefined;
+  /** When a confirm last came, or the wait for one began (performance.now()). */
+  progressAt: number;
 }
 
 type PublisherEvents = { unroutable: [] };
@@ -131,12 +133,15 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
   ): Promise<void> {
     const entry: Pending = { exchange, routingKey, content, returned: undefined };
     return new Promise<void>((resolve, reject) => {
+      // The first publish after a quiet spell starts the wait: the last confirm may be old.
+      if (session.pending.length === 0) session.progressAt = performance.now();
       session.pending.push(entry);
       const confirmed = (err: unknown) => {
         const at = session.pending.indexOf(entry);
         if (at !== -1) session.pending.splice(at, 1);
-        // Any confirm is progress: the connection is alive.
-        this.#watch(session, true);
+        // Any confirm is progress: the connection is alive. A stamp, not a new timer:
+        // this runs once per publish.
+        session.progressAt = performance.now();
         if (err) reject(err instanceof Error ? err : new Error('the broker did not confirm the publish'));
         else if (entry.returned !== undefined) {
           this.emit('unroutable');
@@ -160,22 +165,35 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
    * The session's watchdog: while publishes wait for confirms and the connection is not
    * blocked, some confirm must come within the connect timeout, or the connection is
    * half-open: it is destroyed, which fails every confirm waiting on it, and each publish
-   * goes again on a new one. One timer per connection, restarted by any progress, so a
-   * slow but moving broker (a long backlog, a slow disk) is never taken for a dead one.
+   * goes again on a new one. One timer per connection, armed while publishes wait; a
+   * confirm only stamps `progressAt`, and the timer, when it fires, sleeps again until
+   * the connect timeout after the last progress. So a slow but moving broker (a long
+   * backlog, a slow disk) is never taken for a dead one, and no confirm touches a timer.
+   * `restart`: the wait begins now (the connection was unblocked: time blocked is not
+   * counted).
    */
-  #watch(session: Session, progress = false): void {
+  #watch(session: Session, restart = false): void {
     const { connection } = session;
-    if (progress || session.pending.length === 0 || connection.blocked) {
+    if (restart) session.progressAt = performance.now();
+    if (session.pending.length === 0 || connection.blocked) {
       clearTimeout(session.watchdog);
       session.watchdog = undefined;
+      return;
     }
-    if (session.pending.length === 0 || connection.blocked || session.watchdog !== undefined) return;
-    session.watchdog = setTimeout(() => {
+    if (session.watchdog !== undefined) return;
+    const timeoutMs = this.#opts.connectTimeoutMs;
+    const check = () => {
       session.watchdog = undefined;
       if (session.pending.length === 0 || connection.blocked) return;
+      const quietMs = performance.now() - session.progressAt;
+      if (quietMs < timeoutMs) {
+        session.watchdog = setTimeout(check, timeoutMs - quietMs);
+        return;
+      }
       this.#log.warn('no publish confirm within the connect timeout: dropping the publishing connection');
       connection.destroy('publish confirms overdue');
-    }, this.#opts.connectTimeoutMs);
+    };
+    session.watchdog = setTimeout(check, Math.max(0, session.progressAt + timeoutMs - performance.now()));
   }
 
   #open(): Promise<Session> {
@@ -207,9 +225,16 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
       const channel = await connection.step('opening the publishing channel', () =>
         connection.model.createConfirmChannel(),
       );
-      const session: Session = { connection, channel, refused: undefined, pending: [], watchdog: undefined };
+      const session: Session = {
+        connection,
+        channel,
+        refused: undefined,
+        pending: [],
+        watchdog: undefined,
+        progressAt: performance.now(),
+      };
       connection.on('blocked', () => this.#watch(session));
-      connection.on('unblocked', () => this.#watch(session));
+      connection.on('unblocked', () => this.#watch(session, true));
       connection.once('closed', () => clearTimeout(session.watchdog));
       channel.on('error', (err: Error & { code?: unknown }) => {
         if (err.code === 406) session.refused = err;
