@@ -34,7 +34,9 @@ export class Job {
   readonly #resolve: (result: JobResult) => void;
   /** When it started in its child (performance.now()), 0 until then. */
   startedAt = 0;
-  /** The master's deadline for it (the time limit, then the kill grace). */
+  /** When its time limit passes (performance.now()), once it has started; its slot watches it. */
+  deadlineAt = 0;
+  /** The master's timer for it after its time limit or a cancel: the kill at the end of the grace. */
   timer: NodeJS.Timeout | undefined;
   /** Set once the time limit has passed: whatever the task does next, it is a timeout. */
   timedOut = false;

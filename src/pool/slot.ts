@@ -6,7 +6,10 @@
 // reports back through events, and when it ends it gives back every task it held.
 //
 // The deadline is the master's, on the monotonic clock: a stuck child cannot stop its
-// own kill. A kill is never the end of the story by itself: the exit is awaited (after
+// own kill. One timer per slot watches the running task's time limit, not one per task:
+// tiny tasks start and end tens of thousands of times a second, and a timer made and
+// cleared for each was a per-task cost; the slot's timer, when it fires, looks at the
+// task running then and sleeps again until that task's deadline if it is not due. A kill is never the end of the story by itself: the exit is awaited (after
 // the results pipe has been read to its end, so results the child wrote before dying are
 // counted), and only then are its remaining tasks resolved.
 import { EventEmitter } from 'node:events';
@@ -98,6 +101,9 @@ export class Slot extends EventEmitter<SlotEvents> {
   #takeBackAsked = false;
   /** What the child did wrong, when it broke the protocol. */
   #protocolProblem: string | undefined;
+  /** The time-limit watch (see the top of the file), and when it fires (performance.now()). */
+  #limitTimer: NodeJS.Timeout | undefined;
+  #limitAt = 0;
   tasksDone = 0;
 
   constructor(opts: SlotOptions) {
@@ -389,15 +395,38 @@ export class Slot extends EventEmitter<SlotEvents> {
   #startClock(job: Job): void {
     // A task handed back (a cancel) and handed out again may still carry its old timer.
     clearTimeout(job.timer);
-    job.startedAt = performance.now();
+    job.timer = undefined;
+    const now = performance.now();
+    job.startedAt = now;
     // Cancelled while it waited in the child, which started it before it could give it back.
     if (job.cancelled) {
-      job.timer = undefined;
       queueMicrotask(() => this.#stopCancelled(job));
       return;
     }
-    job.timer = setTimeout(() => this.#timeLimit(job), this.#timeoutOf(job));
+    job.deadlineAt = now + this.#timeoutOf(job);
+    this.#watchLimit(job.deadlineAt, now);
     job.request.onStart?.();
+  }
+
+  /** The watch fires by `at` at the latest: it is moved only when `at` is earlier. */
+  #watchLimit(at: number, now: number): void {
+    if (this.#limitTimer !== undefined) {
+      if (this.#limitAt <= at) return;
+      clearTimeout(this.#limitTimer);
+    }
+    this.#limitAt = at;
+    this.#limitTimer = setTimeout(() => this.#onLimitWatch(), Math.max(0, at - now));
+  }
+
+  /** The watch fired: the task running now is past its time limit, or the watch sleeps until it is. */
+  #onLimitWatch(): void {
+    this.#limitTimer = undefined;
+    const job = this.#jobs[0];
+    if (job === undefined || job.ended || job.cancelled || job.timedOut || job.startedAt === 0) return;
+    const now = performance.now();
+    // Node's timers count whole milliseconds: one may fire a fraction early.
+    if (now < job.deadlineAt - 1) this.#watchLimit(job.deadlineAt, now);
+    else this.#timeLimit(job);
   }
 
   /**
@@ -406,7 +435,6 @@ export class Slot extends EventEmitter<SlotEvents> {
    * (the master was busy, or frozen) means the task finished in time.
    */
   #timeLimit(job: Job): void {
-    job.timer = undefined;
     setImmediate(() => this.#pastTimeLimit(job));
   }
 
@@ -496,6 +524,8 @@ export class Slot extends EventEmitter<SlotEvents> {
     const phase = this.#phase;
     const wasUp = phase.name === 'stopping' || phase.name === 'exited' ? phase.wasUp : this.isUp;
     this.#phase = { name: 'exited', killedFor: this.#killedFor, wasUp };
+    clearTimeout(this.#limitTimer);
+    this.#limitTimer = undefined;
     const [running, ...waiting] = this.#jobs;
     this.#jobs = [];
     if (running !== undefined) running.end(this.#endOfRunning(running, code, signal));
