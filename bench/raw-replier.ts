@@ -1,6 +1,8 @@
 // The latency reference: a raw amqplib consumer that does what the service does for a
 // task with reply_to, with no pool and no worker: stamp the start, publish the reply on
-// a confirm channel, ack once the broker confirms it. Started by bench.ts.
+// a confirm channel, ack once the broker confirms it. Started by bench.ts. Its prefetch
+// is the raw consumer's (1000): the flat-out replies are measured against it, and a small
+// window would make its ceiling the confirm round trip rather than the broker.
 import amqp from 'amqplib';
 
 const [url, queue] = process.argv.slice(2) as [string, string];
@@ -9,7 +11,7 @@ const publishing = await amqp.connect(url);
 const channel = await consuming.createChannel();
 const replies = await publishing.createConfirmChannel();
 await channel.assertQueue(queue, { durable: true });
-await channel.prefetch(64);
+await channel.prefetch(1000);
 await channel.consume(queue, (m) => {
   if (m === null) return;
   const result = performance.timeOrigin + performance.now();
