@@ -11,7 +11,6 @@
 // Speed: this is the master's per-task path. A task with nothing to publish (no reply_to,
 // succeeded) is settled synchronously when the pool's promise resolves: no async chain, no
 // log fields built for a level that is off (see also task-metrics.ts).
-import type { ConsumeMessage } from 'amqplib';
 import type { Logger } from 'pino';
 import type { AmqpConsumer, Delivery, LostSession } from '../amqp/consumer.ts';
 import { delayQueueName, delayStep } from '../amqp/delay.ts';
@@ -20,10 +19,11 @@ import { PublishRefusedError, serializeError, taskFailure, UnroutableError } fro
 import { stringifyExact } from '../ipc/exact-json.ts';
 import { type Metrics, UNKNOWN_FUNC } from '../metrics/metrics.ts';
 import type { Pool, TaskRequest } from '../pool/pool.ts';
+import type { TaskTracer } from '../telemetry/task-tracer.ts';
 import { type CrashJournal, crashKey } from './crash-journal.ts';
+import { delayOf } from './delay-header.ts';
+import { HeldBytes } from './held-bytes.ts';
 import {
-  ADOPTED_COPY_HEADER,
-  adoptedCopy,
   attemptOf,
   cleanedCopy,
   delayedCopy,
@@ -31,21 +31,18 @@ import {
   errorOf,
   type Outcome,
   type OutcomePlan,
-  ownHeader,
   type Publication,
   planOutcome,
   refusedReply,
 } from './outcome.ts';
+import { RecentIds } from './recent-ids.ts';
+import { Redeliveries } from './redeliveries.ts';
+import { type RetryPolicy, retryRoute } from './retry-route.ts';
+import { parseTaskMessage, type TaskCall } from './task-message.ts';
+import { dedupeKey, isRenewed, type Work } from './work.ts';
 
 /** How a publish ended: confirmed, refused for good (see PublishRefusedError), or failed for now. */
 type PublishResult = 'ok' | 'refused' | 'failed';
-
-import type { SpanOutcome, TaskSpan, TaskTracer } from '../telemetry/task-tracer.ts';
-import { delayOf } from './delay-header.ts';
-import { HeldBytes } from './held-bytes.ts';
-import { RecentIds } from './recent-ids.ts';
-import { type RetryPolicy, type RetryRoute, retryRoute } from './retry-route.ts';
-import { parseTaskMessage, type TaskCall } from './task-message.ts';
 
 export interface DispatcherOptions {
   pool: Pool;
@@ -80,7 +77,7 @@ export interface DispatcherOptions {
   onPressure?: (over: boolean) => void;
   /**
    * The work queue is a quorum queue with a delivery limit: an adopted redelivery is
-   * renewed (see #renew), so that returns that were not the message's fault (a broker's
+   * renewed (redeliveries.ts), so that returns that were not the message's fault (a broker's
    * consumer timeout that cannot be lifted, a lost connection) never dead-letter a message
    * that runs here.
    */
@@ -89,73 +86,6 @@ export interface DispatcherOptions {
   tracer?: TaskTracer;
   /** Makes sure the delay queue of this TTL exists before a copy is sent to it (declared on first use). */
   declareDelayQueue?: (stepMs: number) => Promise<void>;
-}
-
-/**
- * What identifies one delivery of one message for the dedupe memory: the message id
- * alone is not enough, since a retry copy keeps it (with a higher x-attempts), and a
- * replayed dead letter or another producer's reuse would then be acked unrun. The body
- * length is a cheap guard against a reused id; the memory also expires.
- */
-export function dedupeKey(messageId: string, attempt: number, bodyLength: number): string {
-  return `${messageId}\u0000${attempt}\u0000${bodyLength}`;
-}
-
-/** A message being worked on; its delivery is replaced when the broker redelivers it meanwhile. */
-interface Work {
-  delivery: Delivery;
-  messageId: string | undefined;
-  /** Its dedupe key (see dedupeKey), when it has a message id. */
-  key: string | undefined;
-  /** True when this run is the one recorded under its key (see #running). */
-  tracked: boolean;
-  func: string;
-  attempt: number;
-  /** An ack or a requeue has been given for it: it must never get another. */
-  answered: boolean;
-  /** Its ending has been taken: a second one (a late pool result) is ignored. */
-  finished: boolean;
-  /** What to run, when the body is a valid task. */
-  call: TaskCall | undefined;
-  /** Its body digest while it is an orphan: running, without a message id, its session dead. */
-  orphanKey?: string;
-  /** The renewal under way (see #renew): one at a time. */
-  renewal?: Renewal;
-  /** Every renewal token issued for it: settled with it, so a late copy is acked unrun. */
-  tokens?: string[];
-  /** Where its retry goes, once its ending is known (the delay queue, if any, is declared first). */
-  retry?: RetryRoute;
-  /** Its span, when tracing is on; ended when it is settled, with what `ended` says. */
-  span?: TaskSpan;
-  ended?: { outcome: SpanOutcome | undefined; error: string | undefined };
-}
-
-interface Renewal {
-  token: string;
-  /** The adopted redelivery being replaced by the copy. */
-  adopted: Delivery;
-  /** The copy was confirmed and `adopted` acked: the copy is now the message. */
-  acked: boolean;
-}
-
-/** Renewal copies this service has made and not yet seen: the run waiting for one, or `settled` when the run is over. */
-const MAX_COPIES_REMEMBERED = 10_000;
-
-/**
- * Without a message id, a message's identity is its body: the key a redelivery of it is
- * recognised by (a digest, never the body itself). Two messages with the same body are
- * two entries (the memories below count).
- */
-export function bodyKey(body: Buffer): string {
-  return `body\u0000${crashKey(undefined, body)}`;
-}
-
-/** The key a finished delivery is remembered under when its ack is uncertain. */
-function finishedKey(message: ConsumeMessage): string {
-  const id = message.properties.messageId;
-  return typeof id === 'string'
-    ? dedupeKey(id, attemptOf(message), message.content.length)
-    : bodyKey(message.content);
 }
 
 /** What a cancel found (DELETE /tasks/{id}, amqp-concurrency cancel). */
@@ -179,22 +109,15 @@ export class Dispatcher {
   #inFlight = 0;
   readonly #heldBytes: HeldBytes;
   #drained: (() => void) | undefined;
-  readonly #running = new Map<string, Work>();
-  readonly #finishedUnacked: RecentIds;
+  /** What keeps a redelivery of a message that runs or ran here from running again. */
+  readonly #redeliveries: Redeliveries;
   #draining = false;
   /** How often each message (by digest) failed to settle in this process; bounded. */
   readonly #settleFailures = new Map<string, number>();
   /** Messages held back after repeated settle failures: each gives itself back when called. */
   readonly #held = new Set<() => void>();
-  /** Running messages without an id whose session died, by body digest, waiting for their redelivery. */
-  readonly #orphans = new Map<string, Work[]>();
   /** The delivery being handled right now, synchronously: the suspect if the master dies. */
   #onStack: Delivery | undefined;
-  /** Renewal copies in the queue, by token (see #renew). */
-  readonly #copies = new Map<string, Work | 'settled'>();
-  /** Makes renewal tokens unique to this process. */
-  readonly #tokenPrefix = `${process.pid}.${Date.now().toString(36)}.`;
-  #tokens = 0;
   /** Message ids an operator cancelled: a delivery of one ends `cancelled` unrun. */
   readonly #cancelledIds: RecentIds;
   #tracer: TaskTracer | undefined;
@@ -210,10 +133,16 @@ export class Dispatcher {
       maxMs: opts.retryMaxMs ?? 300_000,
     };
     this.#log = opts.logger.child({ component: 'dispatcher' });
-    this.#finishedUnacked = new RecentIds(
-      opts.recentIdsCapacity ?? 10_000,
-      opts.recentIdsTtlMs ?? 5 * 60_000,
-    );
+    this.#redeliveries = new Redeliveries({
+      consumer: opts.consumer,
+      queue: opts.queue,
+      renewAdopted: opts.renewAdopted === true,
+      publish: (copy) => this.#publish(copy),
+      fieldsOf: (work) => this.#fields(work),
+      logger: this.#log,
+      ...(opts.recentIdsCapacity === undefined ? {} : { recentIdsCapacity: opts.recentIdsCapacity }),
+      ...(opts.recentIdsTtlMs === undefined ? {} : { recentIdsTtlMs: opts.recentIdsTtlMs }),
+    });
     this.#cancelledIds = new RecentIds(
       opts.cancelledIdsCapacity ?? 10_000,
       opts.cancelledIdsTtlMs ?? 3 * 3_600_000,
@@ -280,7 +209,7 @@ export class Dispatcher {
   #accept(delivery: Delivery): Work | undefined {
     const { consumer, pool } = this.#opts;
     // Before the drain's give-back: a renewal copy of a running message is that message.
-    if (this.#copies.size > 0 && this.#settleCopy(delivery)) return undefined;
+    if (this.#redeliveries.settleCopy(delivery)) return undefined;
     if (this.#draining) {
       consumer.requeue(delivery);
       return undefined;
@@ -290,13 +219,8 @@ export class Dispatcher {
     const messageId = typeof rawId === 'string' ? rawId : undefined;
     const attempt = attemptOf(message);
     const key = messageId === undefined ? undefined : dedupeKey(messageId, attempt, message.content.length);
-    if (message.fields.redelivered) {
-      if (key !== undefined) {
-        if (this.#settleDuplicate(delivery, key)) return undefined;
-      } else if ((this.#orphans.size > 0 || this.#finishedUnacked.size > 0) && this.#settleByBody(delivery))
-        return undefined;
-    }
-    const tracked = key !== undefined && !this.#running.has(key);
+    if (message.fields.redelivered && this.#redeliveries.settleRedelivery(delivery, key)) return undefined;
+    const tracked = key !== undefined && !this.#redeliveries.isRunning(key);
     // Before anything else looks into the body: handling it is what killed the master.
     const deaths = message.fields.redelivered ? this.#deathsOf(messageId, message.content) : 0;
     const parsed =
@@ -312,7 +236,7 @@ export class Dispatcher {
       finished: false,
       call: parsed?.ok ? parsed.call : undefined,
     };
-    if (tracked) this.#running.set(key, work);
+    if (tracked) this.#redeliveries.track(key, work);
     this.#inFlight++;
     this.#heldBytes.take(message.content.length);
     // Whether it ends here unrun (cancelled), or waits first (delayed: no span of its own
@@ -419,7 +343,7 @@ export class Dispatcher {
         }
         work.answered = true;
         if (!this.#opts.consumer.ack(work.delivery))
-          this.#finishedUnacked.add(finishedKey(work.delivery.message));
+          this.#redeliveries.finishedUnacked(work.delivery.message);
         this.#opts.metrics.delayed.inc({ func: work.func });
         if (this.#log.isLevelEnabled('debug'))
           this.#log.debug(
@@ -531,198 +455,19 @@ export class Dispatcher {
     return func !== undefined && this.#opts.pool.funcs.has(func) ? func : UNKNOWN_FUNC;
   }
 
-  /** True when this redelivery is taken care of without running it again. */
-  #settleDuplicate(delivery: Delivery, key: string): boolean {
-    const { consumer } = this.#opts;
-    const fields = {
-      messageId: delivery.message.properties.messageId,
-      deliveryTag: delivery.message.fields.deliveryTag,
-    };
-    // The running set first: a run in progress is the truth, a memory only a record.
-    const running = this.#running.get(key);
-    if (running !== undefined && !consumer.isLive(running.delivery)) {
-      running.delivery = delivery;
-      running.renewal = undefined;
-      this.#log.info(fields, 'redelivery of a message still running: it will be settled when the run ends');
-      this.#renew(running);
-      return true;
-    }
-    if (running === undefined && this.#finishedUnacked.take(key)) {
-      consumer.ack(delivery);
-      this.#log.info(fields, 'redelivery of a message that already finished: acked, not run again');
-      return true;
-    }
-    return false;
-  }
-
   /**
-   * A redelivery without a message id, matched by its body against what the dead
-   * session had outstanding: still running here, it is adopted (the run settles it);
-   * finished with its ack uncertain, it is acked without running again.
-   */
-  #settleByBody(delivery: Delivery): boolean {
-    const key = bodyKey(delivery.message.content);
-    const fields = { deliveryTag: delivery.message.fields.deliveryTag };
-    const orphans = this.#orphans.get(key);
-    const orphan = orphans?.shift();
-    if (orphan !== undefined) {
-      if (orphans?.length === 0) this.#orphans.delete(key);
-      orphan.orphanKey = undefined;
-      orphan.delivery = delivery;
-      orphan.renewal = undefined;
-      this.#log.info(
-        fields,
-        'redelivery (matched by body) of a message still running: it will be settled when the run ends',
-      );
-      this.#renew(orphan);
-      return true;
-    }
-    if (this.#finishedUnacked.take(key)) {
-      this.#opts.consumer.ack(delivery);
-      this.#log.info(
-        fields,
-        'redelivery (matched by body) of a message that already finished: acked, not run again',
-      );
-      return true;
-    }
-    return false;
-  }
-
-  /**
-   * An adopted redelivery on a quorum queue with a delivery limit is renewed: a copy of it
-   * goes back into the queue (confirmed), then the redelivery is acked. The broker counted
-   * each return of it towards the delivery limit, though none was the message's fault: a
-   * broker that cannot be given a consumer timeout (3.10, 3.11) closes the channel again
-   * and again while the task runs, and would at last dead-letter a message that succeeds
-   * here (two outcomes). The copy starts with a fresh count; its token (a header) tells
-   * this service it is the running one, so it is adopted, or acked unrun once the run is
-   * over. Nothing is lost meanwhile: the copy is in the queue before the redelivery is
-   * acked. A copy that reaches another replica, or this one after a restart, runs (once
-   * more, as any redelivery would); a failed publish leaves things as they were.
-   */
-  #renew(work: Work): void {
-    if (this.#opts.renewAdopted !== true || work.finished || work.renewal !== undefined) return;
-    const adopted = work.delivery;
-    const renewal: Renewal = { token: `${this.#tokenPrefix}${++this.#tokens}`, adopted, acked: false };
-    work.renewal = renewal;
-    work.tokens = [...(work.tokens ?? []), renewal.token];
-    this.#remember(renewal.token, work);
-    const copy = adoptedCopy(adopted.message, this.#opts.queue, renewal.token);
-    void this.#publish(copy).then(({ status, reason }) => {
-      const { consumer } = this.#opts;
-      if (work.delivery !== adopted) {
-        // Something took over from the adopted redelivery (its copy, or a later
-        // redelivery): it is done with, whatever became of the publish.
-        consumer.ack(adopted);
-      } else if (status === 'ok' && !work.answered && consumer.ack(adopted)) {
-        renewal.acked = true;
-        this.#log.info(
-          this.#fields(work),
-          'adopted redelivery renewed: a copy with a fresh delivery count is in the queue',
-        );
-      } else if (status !== 'ok') {
-        // The copy may still have reached the queue: if it comes, it is acked unrun (see #settleCopy).
-        this.#log.warn(
-          { ...this.#fields(work), reason },
-          'renewing an adopted redelivery failed; holding it',
-        );
-      }
-      if (work.renewal === renewal && !renewal.acked) work.renewal = undefined;
-    });
-  }
-
-  #remember(token: string, entry: Work | 'settled'): void {
-    this.#copies.set(token, entry);
-    if (this.#copies.size <= MAX_COPIES_REMEMBERED) return;
-    // Forget the oldest copy already settled; a running message's tokens are kept.
-    for (const [old, value] of this.#copies) {
-      if (value === 'settled') {
-        this.#copies.delete(old);
-        return;
-      }
-    }
-  }
-
-  /**
-   * True when this delivery is one of our renewal copies, taken care of without running
-   * it: it becomes the delivery of its running message when that one's delivery is the
-   * renewed redelivery or has died with its session; else (the run is over, or holds
-   * another live delivery) it is acked unrun.
-   */
-  #settleCopy(delivery: Delivery): boolean {
-    const token = ownHeader(delivery.message.properties.headers, ADOPTED_COPY_HEADER);
-    if (typeof token !== 'string') return false;
-    const entry = this.#copies.get(token);
-    if (entry === undefined) return false;
-    const { consumer } = this.#opts;
-    const fields = {
-      deliveryTag: delivery.message.fields.deliveryTag,
-      messageId: delivery.message.properties.messageId,
-    };
-    const takesOver =
-      entry !== 'settled' &&
-      !entry.answered &&
-      (!consumer.isLive(entry.delivery) ||
-        (entry.renewal?.token === token && entry.delivery === entry.renewal.adopted));
-    if (entry === 'settled' || !takesOver) {
-      consumer.ack(delivery);
-      this.#log.info(fields, 'renewal copy of a message already settled or held: acked, not run again');
-      return true;
-    }
-    entry.delivery = delivery;
-    entry.renewal = undefined;
-    this.#unorphan(entry);
-    this.#log.info(fields, 'renewal copy of a message still running: it will be settled when the run ends');
-    return true;
-  }
-
-  /** Settled: a renewal copy of it that comes later is acked unrun. */
-  #settleTokens(work: Work): void {
-    for (const token of work.tokens ?? []) this.#remember(token, 'settled');
-  }
-
-  /** No longer waiting to be matched by body. */
-  #unorphan(work: Work): void {
-    if (work.orphanKey === undefined) return;
-    const list = this.#orphans.get(work.orphanKey);
-    const at = list?.indexOf(work) ?? -1;
-    if (list !== undefined && at !== -1) list.splice(at, 1);
-    if (list?.length === 0) this.#orphans.delete(work.orphanKey);
-    work.orphanKey = undefined;
-  }
-
-  /**
-   * A consuming session ended. Acks it took that no fence confirmed are uncertain: their
-   * messages are remembered as finished, so a redelivery is acked unrun. Messages it
-   * delivered that still run, without a message id, wait to be matched by body.
+   * A consuming session ended: its uncertain acks and its id-less running messages are
+   * remembered, so that their redeliveries are not run again (redeliveries.ts).
    */
   sessionLost(lost: LostSession): void {
-    for (const message of lost.uncertain) this.#finishedUnacked.add(finishedKey(message));
-    for (const work of this.#runningWorks()) {
-      if (
-        work.delivery.session !== lost.session ||
-        work.messageId !== undefined ||
-        work.orphanKey !== undefined
-      )
-        continue;
-      const key = bodyKey(work.delivery.message.content);
-      work.orphanKey = key;
-      const list = this.#orphans.get(key);
-      if (list === undefined) this.#orphans.set(key, [work]);
-      else list.push(work);
-    }
-    if (lost.uncertain.length > 0)
-      this.#log.info(
-        { uncertain: lost.uncertain.length },
-        'acks not proven to have reached the broker: their redeliveries will be acked unrun',
-      );
+    this.#redeliveries.sessionLost(lost, this.#runningWorks());
   }
 
   /** The run is over: carry out the plan; synchronously when there is nothing to publish. */
   #finish(work: Work, ending: Ending): void {
     if (work.finished) return;
     work.finished = true;
-    this.#unorphan(work);
+    this.#redeliveries.unorphan(work);
     try {
       const { message } = work.delivery;
       const retry = retryRoute(
@@ -840,12 +585,12 @@ export class Dispatcher {
     const outcome = plan.outcome as Outcome;
     // The delivery may have been replaced by a redelivery that arrived meanwhile: settle that one.
     work.answered = true;
-    const renewed = work.renewal?.acked === true && work.delivery === work.renewal.adopted;
-    this.#settleTokens(work);
+    const renewed = isRenewed(work);
+    this.#redeliveries.settleTokens(work);
     // Acked already when renewed: its copy is acked when it comes.
     if (!renewed && !this.#opts.consumer.ack(work.delivery))
       // Its session has ended: the broker gives it again, and that must be acked unrun.
-      this.#finishedUnacked.add(finishedKey(work.delivery.message));
+      this.#redeliveries.finishedUnacked(work.delivery.message);
     const durationMs = 'durationMs' in ending ? ending.durationMs : 0;
     this.#opts.metrics.tasks.record(work.func, outcome, durationMs / 1000);
     if (outcome === 'succeeded') {
@@ -937,10 +682,10 @@ export class Dispatcher {
     if (renewal?.acked === true && work.delivery === renewal.adopted) {
       // Acked already; its renewal copy is in the queue and runs as the message given
       // back (with a fresh count: a counted give-back is not counted here).
-      this.#copies.delete(renewal.token);
+      this.#redeliveries.forgetCopy(renewal.token);
       return;
     }
-    this.#settleTokens(work);
+    this.#redeliveries.settleTokens(work);
     this.#opts.consumer.requeue(work.delivery, counted);
   }
 
@@ -951,7 +696,7 @@ export class Dispatcher {
       span.event('settled');
       span.end(work.ended?.outcome, work.ended?.error);
     }
-    if (work.tracked && work.key !== undefined) this.#running.delete(work.key);
+    this.#redeliveries.untrack(work);
     this.#inFlight--;
     this.#heldBytes.release(work.delivery.message.content.length, this.#idle);
     if (this.#inFlight === 0 && this.#drained !== undefined) {
