@@ -9,10 +9,11 @@ import pino from 'pino';
 import { controlExchangeName } from '../../src/amqp/control.ts';
 import { DELAY_STEPS_MS, delayQueueName } from '../../src/amqp/delay.ts';
 import { type Config, parseConfig } from '../../src/config/options.ts';
-import type { TaskRequest } from '../../src/pool/pool.ts';
 import { Service } from '../../src/service/service.ts';
 import { resolveTaskModule } from '../../src/worker/task-module.ts';
 import { testBrokerUrl } from './broker-url.ts';
+
+export { taskRequest } from './task-request.ts';
 
 /** AMQP_URL, or the default account the local broker accepts (see broker-url.ts). */
 export const AMQP_URL = await testBrokerUrl();
@@ -324,19 +325,6 @@ export async function seriesValue(
 ): Promise<number | undefined> {
   const line = (await service.metrics.registry.metrics()).split('\n').find((l) => l.startsWith(`${series} `));
   return line === undefined ? undefined : Number(line.slice(series.length + 1));
-}
-
-/** A task for the pool tests: `func(...args)`, a first delivery, its result wanted. */
-export function taskRequest(func: string, args: unknown[] = []): TaskRequest {
-  return {
-    func,
-    args,
-    kwargs: undefined,
-    messageId: undefined,
-    redelivered: false,
-    attempt: 1,
-    wantResult: true,
-  };
 }
 
 /** Whether a process with this pid exists (signal 0 checks without signalling). */

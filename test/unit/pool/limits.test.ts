@@ -9,6 +9,7 @@ import { FuncLimits } from '../../../src/pool/func-limits.ts';
 import { Job, type JobResult, type TaskRequest } from '../../../src/pool/job.ts';
 import { Scheduler, type SchedulerSlot } from '../../../src/pool/scheduler.ts';
 import type { SlotState } from '../../../src/pool/slot.ts';
+import { taskRequest } from '../../support/task-request.ts';
 
 /** A slot that runs one task at a time (no pipelining) and takes every func. */
 class OneAtATime implements SchedulerSlot {
@@ -41,20 +42,7 @@ class OneAtATime implements SchedulerSlot {
 
 let nextId = 1;
 function job(func: string, extra: Partial<TaskRequest> = {}, results?: JobResult[]): Job {
-  return new Job(
-    nextId++,
-    {
-      func,
-      args: [],
-      kwargs: undefined,
-      messageId: undefined,
-      redelivered: false,
-      attempt: 1,
-      wantResult: false,
-      ...extra,
-    },
-    (r) => results?.push(r),
-  );
+  return new Job(nextId++, taskRequest(func, [], { wantResult: false, ...extra }), (r) => results?.push(r));
 }
 
 function world(limits: Parameters<FuncLimits['configure']>[0]) {

@@ -6,6 +6,7 @@ import fc from 'fast-check';
 import { Job, type JobResult } from '../../../src/pool/job.ts';
 import { Scheduler, type SchedulerSlot } from '../../../src/pool/scheduler.ts';
 import type { SlotState } from '../../../src/pool/slot.ts';
+import { taskRequest } from '../../support/task-request.ts';
 
 class FakeSlot implements SchedulerSlot {
   readonly name: string;
@@ -55,19 +56,8 @@ class FakeSlot implements SchedulerSlot {
 let nextId = 1;
 function job(func = 'f', abandoned = false): { job: Job; results: JobResult[] } {
   const results: JobResult[] = [];
-  const j = new Job(
-    nextId++,
-    {
-      func,
-      args: [],
-      kwargs: undefined,
-      messageId: undefined,
-      redelivered: false,
-      attempt: 1,
-      wantResult: false,
-      abandoned: () => abandoned,
-    },
-    (r) => results.push(r),
+  const j = new Job(nextId++, taskRequest(func, [], { wantResult: false, abandoned: () => abandoned }), (r) =>
+    results.push(r),
   );
   return { job: j, results };
 }
