@@ -144,6 +144,18 @@ function renewingWorld(run: (request: TaskRequest) => Promise<JobResult>, fail: 
   return { w, published, tokens };
 }
 
+/**
+ * A message that runs here, its session lost, and its redelivery on the new session
+ * (handled: adopted by the run). Returns the new session and the redelivery.
+ */
+function redeliveredWhileRunning(w: ReturnType<typeof world>, messageId: string) {
+  w.dispatcher.handle(delivery({ func: 'add' }, { messageId }));
+  const ch = w.loseChannel();
+  const again = delivery({ func: 'add' }, { messageId, redelivered: true, session: ch });
+  w.dispatcher.handle(again);
+  return { ch, again };
+}
+
 /** A delivery carrying a renewal token, as a copy comes back from the queue. */
 function copyWith(token: unknown, messageId: string, session: ConsumerSession): Delivery {
   const d = delivery({ func: 'add' }, { messageId, session });
@@ -246,10 +258,7 @@ test('a redelivery of a message still running is not run again, and the run sett
   const held = heldRuns();
   const finish = held.finish;
   const w = world(held.run);
-  w.dispatcher.handle(delivery({ func: 'add' }, { messageId: 'm3' }));
-  const ch = w.loseChannel();
-  const again = delivery({ func: 'add' }, { messageId: 'm3', redelivered: true, session: ch });
-  w.dispatcher.handle(again);
+  const { again } = redeliveredWhileRunning(w, 'm3');
   assert.equal(w.requests.length, 1);
   // The running request is no longer abandoned: its message's live delivery took over.
   assert.equal(w.requests[0]?.abandoned?.(), false);
@@ -260,24 +269,8 @@ test('a redelivery of a message still running is not run again, and the run sett
 
 test('renewal (quorum with a delivery limit): an adopted redelivery is copied back, acked once the copy is confirmed, and the copy settles the run', async () => {
   const held = heldRuns();
-  const published: { routingKey: string; headers: Record<string, unknown> }[] = [];
-  const w = world(
-    held.run,
-    async (...args: unknown[]) => {
-      const [, routingKey, , options] = args as [
-        string,
-        string,
-        Buffer,
-        { headers: Record<string, unknown> },
-      ];
-      published.push({ routingKey, headers: options.headers });
-    },
-    { renewAdopted: true },
-  );
-  w.dispatcher.handle(delivery({ func: 'add' }, { messageId: 'm9' }));
-  const ch = w.loseChannel();
-  const again = delivery({ func: 'add' }, { messageId: 'm9', redelivered: true, session: ch });
-  w.dispatcher.handle(again);
+  const { w, published } = renewingWorld(held.run);
+  const { ch, again } = redeliveredWhileRunning(w, 'm9');
   await w.settled();
   // The copy went straight back to the work queue, with a token; then the redelivery was acked.
   assert.equal(published.length, 1);
@@ -300,9 +293,7 @@ test('renewal (quorum with a delivery limit): an adopted redelivery is copied ba
 test('renewal: a copy that arrives after the run ended is acked unrun; a stranger copy runs', async () => {
   const held = heldRuns();
   const { w, tokens } = renewingWorld(held.run);
-  w.dispatcher.handle(delivery({ func: 'add' }, { messageId: 'm10' }));
-  const ch = w.loseChannel();
-  w.dispatcher.handle(delivery({ func: 'add' }, { messageId: 'm10', redelivered: true, session: ch }));
+  const { ch } = redeliveredWhileRunning(w, 'm10');
   await w.settled();
   held.finish(ok);
   await w.settled();
@@ -351,9 +342,7 @@ test('renewal: a failed publish keeps the redelivery; its copy, if it came anywa
 test('renewal: a copy that comes during a drain is still recognised, not given back', async () => {
   const held = heldRuns();
   const { w, tokens } = renewingWorld(held.run);
-  w.dispatcher.handle(delivery({ func: 'add' }, { messageId: 'm13' }));
-  const ch = w.loseChannel();
-  w.dispatcher.handle(delivery({ func: 'add' }, { messageId: 'm13', redelivered: true, session: ch }));
+  const { ch } = redeliveredWhileRunning(w, 'm13');
   await w.settled();
   const drained = w.dispatcher.drain();
   const copy = copyWith(tokens()[0], 'm13', ch);
