@@ -19,6 +19,16 @@ const TASKS = new URL('../fixtures/controlled-tasks.ts', import.meta.url).pathna
 const lines = (path: string) =>
   existsSync(path) ? readFileSync(path, 'utf8').trim().split('\n').filter(Boolean) : [];
 
+/** The service on `queue` with these tests' task module, bound to the exchange with routing key `rk`. */
+function deadLetterService(
+  t: TestContext,
+  queue: string,
+  extra: string[] = [],
+  env?: Record<string, string>,
+) {
+  return startCliService(t, queue, ['--task-path', TASKS, '--routing-key', 'rk', ...extra], env);
+}
+
 function scratch(t: TestContext): string {
   const dir = mkdtempSync(join(tmpdir(), 'dead-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
@@ -72,7 +82,7 @@ const jsonLines = (cli: SpawnedCli) =>
 test('dead list, replay and purge: what died and why, replayed once each after the fix, the hopeless purged', async (t) => {
   const queue = freshName(t);
   const dir = scratch(t);
-  const { b } = await startCliService(t, queue, ['--task-path', TASKS, '--routing-key', 'rk']);
+  const { b } = await deadLetterService(t, queue);
   const ran = join(dir, 'ran');
   const fixed = join(dir, 'fixed');
   for (let i = 0; i < 10; i++)
@@ -130,14 +140,7 @@ test('dead list, replay and purge: what died and why, replayed once each after t
 test('2,000 dead letters replayed while the service runs: each runs exactly once', async (t) => {
   const queue = freshName(t);
   const dir = scratch(t);
-  const { b } = await startCliService(t, queue, [
-    '--task-path',
-    TASKS,
-    '--routing-key',
-    'rk',
-    '--workers',
-    '2',
-  ]);
+  const { b } = await deadLetterService(t, queue, ['--workers', '2']);
   const ran = join(dir, 'ran');
   const n = 2_000;
   await bury(b, queue, ran, n);
@@ -167,9 +170,7 @@ test('dead: bad usage is one line and exit 2', async (t) => {
 
 test('the same over HTTP, behind the operator token: GET /dead, POST /dead/replay and /dead/purge', async (t) => {
   const queue = freshName(t);
-  const { b, port } = await startCliService(t, queue, ['--task-path', TASKS, '--routing-key', 'rk'], {
-    SHUTDOWN_TOKEN: 'dead-token',
-  });
+  const { b, port } = await deadLetterService(t, queue, [], { SHUTDOWN_TOKEN: 'dead-token' });
   for (let i = 0; i < 4; i++) await b.send(queue, { func: 'nope' }, { messageId: `r${i}` });
   await waitFor('4 dead letters', async () => (await b.count(`${queue}.dead`)) === 4);
   const call = (method: string, path: string, body?: unknown, token = 'dead-token') =>
@@ -206,14 +207,7 @@ test('a replay killed midway loses nothing, and the next pass names what may now
   const queue = freshName(t);
   const dir = scratch(t);
   const stateDir = join(dir, 'state');
-  const { b } = await startCliService(t, queue, [
-    '--task-path',
-    TASKS,
-    '--routing-key',
-    'rk',
-    '--workers',
-    '2',
-  ]);
+  const { b } = await deadLetterService(t, queue, ['--workers', '2']);
   const ran = join(dir, 'ran');
   const n = 1_500;
   await bury(b, queue, ran, n);
