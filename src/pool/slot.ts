@@ -20,8 +20,23 @@ import type { TaskLimits } from '../ipc/task-options.ts';
 import { Child } from './child.ts';
 import type { Job, JobResult } from './job.ts';
 
-/** A running task older than this no longer takes tasks behind it. */
+/** A running task older than this takes no pipeline of short tasks behind it (at most the next). */
 export const LONG_TASK_MS = 5;
+
+/**
+ * Whether a worker holding `load` tasks (its running one started `ranMs` ago; undefined:
+ * none has started) may hold one more, at most `depth` in all. The next task always, so
+ * that it starts the moment the running one ends, unless that one has run `longMs` and
+ * turned out long (another worker will likely be free sooner); more only while the
+ * running one is short, as tiny tasks are.
+ */
+export function mayHoldMore(load: number, depth: number, ranMs: number | undefined, longMs: number): boolean {
+  if (load === 0) return true;
+  if (load >= depth) return false;
+  if (ranMs === undefined) return true;
+  if (load === 1) return ranMs < longMs;
+  return ranMs < LONG_TASK_MS;
+}
 
 /** Why a worker is on its way out: it finishes its running task first. */
 export type LeaveReason = 'scale' | 'reload' | 'recycle';
@@ -205,19 +220,20 @@ export class Slot extends EventEmitter<SlotEvents> {
     return this.#jobs[0];
   }
 
-  /** Whether it may take one more task now, beyond `planned` about to be handed; `depth`: how many it may hold. */
-  canTake(planned: number, depth: number, now: number, maxTasks: number): boolean {
+  /**
+   * Whether it may take one more task now, beyond `planned` about to be handed; `depth`:
+   * how many it may hold; `longMs`: how long a running task may have run and still take
+   * the next behind it.
+   */
+  canTake(planned: number, depth: number, now: number, maxTasks: number, longMs: number): boolean {
     if (this.#phase.name !== 'up' || this.#takeBackAsked) return false;
     // Its process has gone (the exit is being handled): nothing handed to it would arrive.
     if (!this.#child.connected) return false;
     const load = this.#jobs.length + planned;
     // A worker due for recycling after N tasks is never handed more than N.
     if (maxTasks > 0 && this.tasksDone + load >= maxTasks) return false;
-    if (load === 0) return true;
-    if (load >= depth) return false;
-    // Never queue behind a task that has turned out long.
     const first = this.#jobs[0];
-    return first === undefined || now - first.startedAt < LONG_TASK_MS;
+    return mayHoldMore(load, depth, first === undefined ? undefined : now - first.startedAt, longMs);
   }
 
   /** Hands tasks over, in order, after those it holds. */

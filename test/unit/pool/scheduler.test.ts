@@ -5,7 +5,7 @@ import { test } from 'node:test';
 import fc from 'fast-check';
 import { Job, type JobResult } from '../../../src/pool/job.ts';
 import { Scheduler, type SchedulerSlot } from '../../../src/pool/scheduler.ts';
-import type { SlotState } from '../../../src/pool/slot.ts';
+import { mayHoldMore, type SlotState } from '../../../src/pool/slot.ts';
 import { taskRequest } from '../../support/task-request.ts';
 
 class FakeSlot implements SchedulerSlot {
@@ -35,9 +35,11 @@ class FakeSlot implements SchedulerSlot {
   get running(): Job | undefined {
     return this.jobs[0];
   }
-  canTake(planned: number, depth: number): boolean {
+  canTake(planned: number, depth: number, now: number, _maxTasks: number, longMs: number): boolean {
     const load = this.jobs.length + planned;
-    return this.isUp && load < Math.min(depth, this.capacity);
+    const running = this.jobs[0];
+    const ranMs = running === undefined ? undefined : now - running.startedAt;
+    return this.isUp && load < this.capacity && mayHoldMore(load, depth, ranMs, longMs);
   }
   hand(jobs: Job[]): void {
     this.hands.push(jobs);
@@ -47,9 +49,11 @@ class FakeSlot implements SchedulerSlot {
   takeBack(): void {
     this.takeBacks++;
   }
-  /** The running task ends. */
+  /** The running task ends, and the next starts (as Slot stamps it). */
   finish(): Job | undefined {
-    return this.jobs.shift();
+    const done = this.jobs.shift();
+    if (this.jobs[0] !== undefined) this.jobs[0].startedAt = performance.now();
+    return done;
   }
 }
 
@@ -65,19 +69,34 @@ function job(func = 'f', abandoned = false): { job: Job; results: JobResult[] } 
 const scheduler = (maxPipeline = 64, maxTasksPerWorker = 0) =>
   new Scheduler({ maxPipeline, maxTasksPerWorker });
 
-test('untimed tasks go one per slot, least loaded first, the rest wait in order', () => {
+test('untimed tasks: one per slot least loaded first, then the next behind each, the rest wait in order', () => {
   const s = scheduler();
   const a = new FakeSlot('a');
   const b = new FakeSlot('b');
-  const jobs = [job(), job(), job()].map((j) => j.job);
+  const jobs = [job(), job(), job(), job(), job()].map((j) => j.job);
   for (const j of jobs) s.push(j);
   assert.equal(s.dispatch([a, b]), true);
-  assert.deepEqual([a.jobs, b.jobs], [[jobs[0]], [jobs[1]]]);
+  assert.deepEqual(
+    [a.jobs, b.jobs],
+    [
+      [jobs[0], jobs[2]],
+      [jobs[1], jobs[3]],
+    ],
+  );
   assert.equal(s.queued, 1);
   a.finish();
   s.dispatch([a, b]);
-  assert.deepEqual(a.jobs, [jobs[2]]);
+  assert.deepEqual(a.jobs, [jobs[2], jobs[4]]);
   assert.equal(s.queued, 0);
+});
+
+test('maxPipeline 1: one task per slot, none held ahead', () => {
+  const s = scheduler(1);
+  const a = new FakeSlot('a');
+  for (let i = 0; i < 3; i++) s.push(job().job);
+  s.dispatch([a]);
+  assert.equal(a.held, 1);
+  assert.equal(s.queued, 2);
 });
 
 test('tiny tasks pipeline: one hand() carries a batch, no deeper than maxPipeline', () => {
@@ -91,20 +110,59 @@ test('tiny tasks pipeline: one hand() carries a batch, no deeper than maxPipelin
   assert.equal(s.queued, 22);
 });
 
-test('long tasks do not pipeline: each slot holds one', () => {
+test('long tasks do not pipeline: each slot holds the running one and the next', () => {
   const s = scheduler(64);
   s.recordRun(500);
   const a = new FakeSlot('a');
   for (let i = 0; i < 3; i++) s.push(job().job);
   s.dispatch([a]);
-  assert.equal(a.held, 1);
+  assert.equal(a.held, 2);
+  assert.equal(s.queued, 1);
+});
+
+test('a running task that has turned out long (3 × the average) takes nothing behind it', () => {
+  const s = scheduler(64);
+  s.recordRun(10);
+  const a = new FakeSlot('a');
+  a.hand([job().job]);
+  (a.jobs[0] as Job).startedAt = performance.now() - 29;
+  s.push(job().job);
+  s.dispatch([a]);
+  assert.equal(a.held, 2, 'at 29 ms of a 10 ms average, the next goes behind it');
+  a.jobs.pop();
+  (a.jobs[0] as Job).startedAt = performance.now() - 31;
+  s.push(job().job);
+  s.dispatch([a]);
+  assert.equal(a.held, 1, 'at 31 ms, it waits here for a worker that will be free sooner');
+  assert.equal(s.queued, 1);
+});
+
+test('a task held behind one turned long is taken back for a worker that will be free sooner, with tasks queued', () => {
+  const s = scheduler(64);
+  s.recordRun(10);
+  const stuck = new FakeSlot('stuck');
+  stuck.hand([job().job, job().job]);
+  (stuck.jobs[0] as Job).startedAt = performance.now() - 60_000;
+  const busy = new FakeSlot('busy');
+  busy.hand([job().job, job().job]);
+  for (let i = 0; i < 3; i++) s.push(job().job);
+  s.dispatch([stuck, busy]);
+  assert.equal(stuck.takeBacks, 0, 'the other worker holds its next already: nobody is sooner');
+  busy.finish(); // it runs its next, just started, and holds nothing behind it
+  s.dispatch([stuck, busy]);
+  assert.equal(busy.held, 2, 'a newer task went behind it');
+  assert.equal(
+    stuck.takeBacks,
+    1,
+    'while queued tasks keep the other worker busy, the held one is taken back',
+  );
 });
 
 test('during a reload, a task goes to a slot whose code exports its func, never another', () => {
   const s = scheduler();
   const old = new FakeSlot('old', ['f']);
-  const fresh = new FakeSlot('new', ['f', 'g']);
-  fresh.jobs.push(job('g').job); // busy
+  const fresh = new FakeSlot('new', ['f', 'g'], 1);
+  fresh.jobs.push(job('g').job); // busy, and holds no more
   const g = job('g').job;
   const f = job('f').job;
   s.push(g);
