@@ -232,6 +232,10 @@ export class Slot extends EventEmitter<SlotEvents> {
     const load = this.#jobs.length + planned;
     // A worker due for recycling after N tasks is never handed more than N.
     if (maxTasks > 0 && this.tasksDone + load >= maxTasks) return false;
+    // Under a memory limit the worker is weighed after each task and replaced before it
+    // starts another once over it: a task held ahead would start first. Only a pipeline of
+    // tiny tasks (deeper than the next) goes ahead of the weighing, as it always has.
+    if (this.#opts.rssEachTask && load === 1 && depth <= 2) return false;
     const first = this.#jobs[0];
     return mayHoldMore(load, depth, first === undefined ? undefined : now - first.startedAt, longMs);
   }
