@@ -223,20 +223,31 @@ async function latency(against: 'service' | 'raw', load: number, fixedRate?: num
   };
 }
 
+/** One sample of the service's /metrics, in MB. */
+async function megabytes(s: ServiceProcess, sample: string): Promise<number> {
+  const line = (await s.metrics()).split('\n').find((l) => l.startsWith(`${sample} `));
+  return Number(line?.split(' ').at(-1)) / 2 ** 20;
+}
+
+/**
+ * The master's memory. Beside its RSS, the V8 old generation in use: what outlives the
+ * tasks that made it. RSS also follows the young generation, which V8 doubles (up to its
+ * maximum) once enough has survived its collections, as any long run at this rate does.
+ */
 async function memory() {
-  const rss = async (s: ServiceProcess) => {
-    const line = (await s.metrics()).split('\n').find((l) => l.startsWith('process_resident_memory_bytes '));
-    return Number(line?.split(' ')[1]) / 2 ** 20;
-  };
+  const rss = (s: ServiceProcess) => megabytes(s, 'process_resident_memory_bytes');
+  const old = (s: ServiceProcess) => megabytes(s, 'nodejs_heap_space_size_used_bytes{space="old"}');
   const queue = `bench.memory.${randomUUID().slice(0, 8)}`;
   const service = await startService(2, queue);
   const idle = await rss(service);
   await fill(queue, 10_000, () => noopBody);
   while ((await service.total()) < 10_000) await sleep(50);
   const after10k = await rss(service);
+  const old10k = await old(service);
   await fill(queue, MEMORY_TASKS - 10_000, () => noopBody);
   while ((await service.total()) < MEMORY_TASKS) await sleep(100);
   const afterAll = await rss(service);
+  const oldAll = await old(service);
   await service.stop();
   // A backlog: the queue full before the service starts; it holds only the prefetch.
   const backlogQueue = `bench.backlog.${randomUUID().slice(0, 8)}`;
@@ -247,7 +258,7 @@ async function memory() {
   const withBacklog = await rss(backlog);
   await backlog.stop();
   made.push(backlogQueue);
-  return { idle, after10k, afterAll, withBacklog, growth: afterAll / after10k - 1 };
+  return { idle, after10k, afterAll, withBacklog, growth: afterAll / after10k - 1, old10k, oldAll };
 }
 
 // `--only=latency` (with BENCH_LATENCY_RATE), `--only=cpu` or `--only=memory`: one phase, as JSON, to iterate on it.
@@ -404,6 +415,11 @@ else {
     ],
     [`master RSS with a backlog of ${MEMORY_TASKS} (MB)`, f(mem.withBacklog), ''],
     ['RSS growth from 10k tasks to the end', `${(mem.growth * 100).toFixed(1)}%`, ''],
+    [
+      'master V8 old generation in use, after 10k / after all (MB)',
+      `${f(mem.old10k)} / ${f(mem.oldAll)}`,
+      '',
+    ],
   ];
   if (cluster !== undefined) {
     const c = cluster;
