@@ -41,7 +41,7 @@ test('children say ready with the names they can run; tasks run and return', asy
   );
 });
 
-test('one task at a time per worker: the third waits for a free worker', async (t) => {
+test('each worker runs one task at a time: the third waits, counted as queued', async (t) => {
   const p = pool(t);
   await p.start();
   const runs = [p.run(request('sleep', [0.3])), p.run(request('sleep', [0.3])), p.run(request('pid'))];
@@ -53,6 +53,33 @@ test('one task at a time per worker: the third waits for a free worker', async (
     ['succeeded', 'succeeded', 'succeeded'],
   );
   assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 2, busy: 0, queued: 0, bootFailures: 0 });
+});
+
+test('a task held behind one that turns out long is run by the other worker, while newer tasks keep both busy', async (t) => {
+  const p = pool(t);
+  await p.start();
+  const ended: string[] = [];
+  const track = (name: string, run: ReturnType<Pool['run']>) =>
+    run.then((r) => {
+      ended.push(name);
+      return r;
+    });
+  // The first worker takes the long task, the second a short one, and the first the
+  // next task (held behind the long one): both hold one task each.
+  const long = track('long', p.run(request('sleep', [3])));
+  const first = track('short', p.run(request('sleep', [0.05])));
+  const held = track('held', p.run(request('pid')));
+  // Newer tasks keep the queue full, so no worker ever idles.
+  const newer = Array.from({ length: 30 }, (_, i) => track(`newer${i}`, p.run(request('sleep', [0.05]))));
+  const heldResult = await held;
+  assert.equal(heldResult.outcome, 'succeeded');
+  assert.ok(!ended.includes('long'), `the held task ended before the long one (ended: ${ended.join(', ')})`);
+  const longResult = await long;
+  assert.equal(longResult.outcome, 'succeeded');
+  // Taken back to the front once the long one had run three times the average (50 ms):
+  // ahead of most of the newer tasks, which would all have passed it in its old place.
+  assert.ok(ended.indexOf('held') < ended.indexOf('newer15'), `ended in this order: ${ended.join(', ')}`);
+  await Promise.all([first, ...newer]);
 });
 
 test('a module that fails to load rejects start with ERR_TASK_MODULE and leaves no child behind', async (t) => {
