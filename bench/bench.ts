@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import amqp, { type ConfirmChannel } from 'amqplib';
 import { testBrokerUrl } from '../test/support/broker-url.ts';
 import { type ClusterFigures, clusterConnection, clusterPhase, rawRate } from './cluster.ts';
-import { rateUntil, type ServiceProcess, sleep, startServiceProcess } from './service-process.ts';
+import { type ServiceProcess, sleep, startServiceProcess } from './service-process.ts';
 
 /** AMQP_URL, or the default account the local broker accepts (as the tests choose). */
 const AMQP_URL = await testBrokerUrl();
@@ -25,8 +25,8 @@ const JSON_OUT = process.argv.includes('--json');
 const N = QUICK ? 10_000 : 150_000;
 /**
  * 10 ms tasks: 1,600 of them are eight seconds on two workers. The count starts once 600
- * have left the queue: the service's prefetch window (about 200 for 10 ms tasks) is
- * taken in its first moments, so the queue's count says how many are done only after.
+ * have left the queue (the prefetch window, about 200 for 10 ms tasks, is taken in the
+ * first moments) and ends with 50 still waiting in it: some 1,150 tasks, 6 s.
  */
 const CPU_TASKS = QUICK ? 400 : 1_600;
 const CPU_WARM_UP = QUICK ? 300 : 600;
@@ -91,15 +91,35 @@ async function rawReplier(queue: string): Promise<Pick<ServiceProcess, 'stop'>> 
 }
 
 /**
- * How many of the `n` messages put in `queue` have left it, read from the broker (a
- * passive declare on the bench's own connection), not from the service: a /metrics
- * scrape costs the master about 4 ms of CPU, and polled ten times a second that was 4%
- * of a core taken from the system under test, which the raw consumer never paid. Once
- * the prefetch window is full, a message leaves the queue only as another is acked, so
- * the rate it leaves at is the rate the service finishes tasks at.
+ * The rate the service drains a backlog of `n` messages in `queue` at, in steady state:
+ * the tasks it finished between the moment `warmUp` messages had left the queue and the
+ * moment only `endReady` were still waiting in it (the service still busy, its window
+ * still full). Finished tasks are read from its /metrics twice, at those two moments
+ * only; the queue is watched through the broker (a passive declare on the bench's own
+ * connection). A scrape costs the master about 4 ms of CPU, so the polls of before, a
+ * scrape every 100 ms, took some 4% of a core from the system measured, which the raw
+ * consumer never paid; and a count read from the queue alone is off by whatever the
+ * prefetch window grows by meanwhile.
  */
-const takenFrom = (queue: string, n: number) => async () =>
-  n - (await channel.checkQueue(queue)).messageCount;
+async function drainRate(
+  queue: string,
+  n: number,
+  service: ServiceProcess,
+  warmUp: number,
+  endReady: number,
+) {
+  const ready = async () => (await channel.checkQueue(queue)).messageCount;
+  const finished = async () => {
+    const before = performance.now();
+    const total = await service.total();
+    return { total, at: (before + performance.now()) / 2 };
+  };
+  while (n - (await ready()) < warmUp) await sleep(25);
+  const start = await finished();
+  while ((await ready()) > endReady) await sleep(25);
+  const end = await finished();
+  return (end.total - start.total) / ((end.at - start.at) / 1000);
+}
 
 /** Tiny tasks: the queue is filled first, then the service drains it. */
 async function tiny(workers: number): Promise<number> {
@@ -107,25 +127,24 @@ async function tiny(workers: number): Promise<number> {
   await channel.assertQueue(queue, { durable: true });
   await fill(queue, N, () => noopBody);
   const service = await startService(workers, queue);
-  const rate = await rateUntil(takenFrom(queue, N), N, WARM_UP);
+  const rate = await drainRate(queue, N, service, WARM_UP, N / 20);
   await service.stop();
   return rate;
 }
 
 /**
  * CPU-bound 10 ms tasks on 2 workers: the share of the two workers' time spent running
- * tasks, from the rate a backlog drains at (as for tiny tasks: counted after a warm-up,
- * polled every 100 ms, read from the broker). Before, the bench scraped /metrics
- * every 10 ms from the first moment: some 4 ms of the master's CPU per scrape, and as
- * much again of the bench's, taken from the two cores the workers need; and the start
- * counted from /health while the first tasks had begun before it.
+ * tasks, from the rate a backlog drains at in steady state (drainRate). Before, the bench
+ * scraped /metrics every 10 ms from the first moment: some 4 ms of the master's CPU per
+ * scrape, and as much again of the bench's, taken from the two cores the workers need;
+ * and the start counted from /health while the first tasks had begun before it.
  */
 async function cpuEfficiency(): Promise<number> {
   const queue = `bench.cpu.${randomUUID().slice(0, 8)}`;
   await channel.assertQueue(queue, { durable: true });
   await fill(queue, CPU_TASKS, () => Buffer.from('{"func":"burn","args":[10]}'));
   const service = await startService(2, queue);
-  const rate = await rateUntil(takenFrom(queue, CPU_TASKS), CPU_TASKS, CPU_WARM_UP);
+  const rate = await drainRate(queue, CPU_TASKS, service, CPU_WARM_UP, 50);
   await service.stop();
   return (rate * 10) / 1000 / 2;
 }
