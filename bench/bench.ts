@@ -108,7 +108,11 @@ async function drainRate(
   warmUp: number,
   endReady: number,
 ) {
-  const ready = async () => (await channel.checkQueue(queue)).messageCount;
+  const ready = async () => {
+    if (service.child.exitCode !== null || service.child.signalCode !== null)
+      throw new Error(`the service on ${queue} exited (${service.child.exitCode ?? service.child.signalCode})`);
+    return (await channel.checkQueue(queue)).messageCount;
+  };
   const finished = async () => {
     const before = performance.now();
     const total = await service.total();
