@@ -110,7 +110,9 @@ async function drainRate(
 ) {
   const ready = async () => {
     if (service.child.exitCode !== null || service.child.signalCode !== null)
-      throw new Error(`the service on ${queue} exited (${service.child.exitCode ?? service.child.signalCode})`);
+      throw new Error(
+        `the service on ${queue} exited (${service.child.exitCode ?? service.child.signalCode})`,
+      );
     return (await channel.checkQueue(queue)).messageCount;
   };
   const finished = async () => {
