@@ -8,12 +8,11 @@
 // the master (1.4 ms at the median per 10 ms task on two cores, an eighth of the
 // throughput). A task held behind one that turns out long is taken back when another
 // worker could start it sooner (#rebalance), so it waits about as long as it would have
-// here. While
-// tasks are short, a child may be handed several at once and runs them in order: as many
-// as fit in PIPELINE_BUDGET_MS of work at the average duration (up to maxPipeline), so
-// that what waits inside a child stays short whatever the task size. Every message to a
-// child is a write that wakes it, which for tiny tasks costs more than the task; a deeper
-// pipeline sends fewer, larger messages.
+// here. While tasks are short, a child may be handed several at once and runs them in
+// order: as many as fit in PIPELINE_BUDGET_MS of work at the average duration (up to
+// maxPipeline), so that what waits inside a child stays short whatever the task size.
+// Every message to a child is a write that wakes it, which for tiny tasks costs more than
+// the task; a deeper pipeline sends fewer, larger messages.
 
 import { taskFailure } from '../errors.ts';
 import type { FuncLimits, LimitKind } from './func-limits.ts';
@@ -295,9 +294,10 @@ export class Scheduler {
   /**
    * Tasks held behind one that has turned out long are taken back (to the front of the
    * queue) when another worker could start them sooner: one that idles, or one that holds
-   * only a task that has not turned out long. Checked after every dispatch, not only when
-   * the queue is empty: a worker kept busy by newer tasks never idles, and a task held
-   * behind an hour-long one must not wait the hour while those newer tasks run.
+   * only a task that has not turned out long. Checked at every dispatch, before anything
+   * is handed, not only when the queue is empty: a worker kept busy by newer tasks never
+   * idles, and a task held behind an hour-long one must not wait the hour while those
+   * newer tasks run.
    */
   #rebalance(workers: Iterable<SchedulerSlot>, now: number, longMs: number): void {
     let sooner = false;
