@@ -41,6 +41,50 @@ test('below the threshold they go out within a few ms; one above a running task 
   ]);
 });
 
+test('an ack held above a running task wakes the flusher when its hold ends, not every millisecond', async (t) => {
+  // Every timer that fires wakes the master; count the flusher's.
+  let timers = 0;
+  const real = globalThis.setTimeout;
+  t.after(() => {
+    globalThis.setTimeout = real;
+  });
+  globalThis.setTimeout = ((fn: () => void, ms?: number) => {
+    timers++;
+    return real(fn, ms);
+  }) as typeof setTimeout;
+  const { ch, frames } = channel();
+  const f = new AckFlusher(ch, 100);
+  for (const tag of [1, 2]) f.delivered(tag);
+  f.ack(2); // 1 still runs
+  await later(20);
+  assert.deepEqual(frames, [[2, false]], 'it went alone once its hold was over');
+  // One to see it held, one for the end of the hold (and one more if that timer fired a
+  // little early); polling every millisecond armed one per millisecond of the hold.
+  assert.ok(timers <= 3, `${timers} timers for one held ack`);
+});
+
+test('an ack that frees what was held brings the flush forward', async () => {
+  const { ch, frames } = channel();
+  const f = new AckFlusher(ch, 100);
+  for (const tag of [1, 2]) f.delivered(tag);
+  f.ack(2);
+  await later(2); // seen held: the next look is at the end of the hold
+  f.ack(1);
+  await later(3);
+  assert.deepEqual(frames, [[2, true]], 'one multiple ack, before the hold would have ended');
+});
+
+test('a settle that frees what was held brings the flush forward', async () => {
+  const { ch, frames } = channel();
+  const f = new AckFlusher(ch, 100);
+  for (const tag of [1, 2]) f.delivered(tag);
+  f.ack(2);
+  await later(2);
+  f.settled(1);
+  await later(3);
+  assert.deepEqual(frames, [[2, true]]);
+});
+
 test('a nack or reject (settled) no longer holds back a multiple ack', async () => {
   const { ch, frames } = channel();
   const f = new AckFlusher(ch, 2);
