@@ -60,7 +60,7 @@ export function autoPrefetch(workers: number, averageMs: number | undefined): nu
 /**
  * The window the memory budget allows: as many deliveries as fit in `budgetBytes` at
  * `bytesEach` (the largest body accepted before any was seen, then the average), at least
- * one. The budget's pause (dispatch/dispatcher.ts) covers a body larger than the average.
+ * one. The budget's pause (dispatch/held-bytes.ts) covers a body larger than the average.
  */
 export function memoryBoundPrefetch(prefetch: number, budgetBytes: number, bytesEach: number): number {
   return Math.max(1, Math.min(prefetch, Math.floor(budgetBytes / Math.max(bytesEach, 1))));

@@ -78,3 +78,17 @@ export function finishedKey(message: ConsumeMessage): string {
 export function isRenewed(work: Work): boolean {
   return work.renewal?.acked === true && work.delivery === work.renewal.adopted;
 }
+
+/** The fields every log line about a message carries (never its body). */
+export function logFields(work: Work) {
+  const { fields } = work.delivery.message;
+  const base = {
+    func: work.func,
+    messageId: work.messageId,
+    deliveryTag: fields.deliveryTag,
+    redelivered: fields.redelivered,
+    attempt: work.attempt,
+  };
+  const span = work.span;
+  return span === undefined ? base : { ...base, trace_id: span.traceId, span_id: span.spanId };
+}
