@@ -5,8 +5,7 @@
 //   COMPOSE_EXTRA_FILES=../shared/container-lab/compose.override.yml npm run test:compose
 //
 // COMPOSE_EXTRA_FILES: extra compose files after docker-compose.yml (path-delimiter
-// separated, relative to the project root). COMPOSE_FULL_SUITE=1: the whole suite in the
-// test image, not the unit suite and three broker suites (see `inImage`). Skips, in one line, when `docker info` fails.
+// separated, relative to the project root). Skips, in one line, when `docker info` fails.
 // Builds use the classic builder (DOCKER_BUILDKIT=0). Each run is its own compose project,
 // removed with its volumes at the end; the built images keep fixed names
 // (amqp-concurrency-compose-test:runtime/test) so the next run reuses the layer cache.
@@ -54,26 +53,6 @@ const files = [
     .map((f) => resolve(ROOT, f)),
   imagesFile,
 ];
-// What `docker compose run --rm test` runs here. The host's `npm test` has already run every
-// suite on these same sources; inside the image the run proves the image itself: its dev
-// dependencies, its user, the compose RabbitMQ reached by name with the compose user. The
-// unit suite and three broker suites (the consumer, the CLI as a user runs it, the publish
-// client) show that in about two minutes, where the whole suite takes ten of a CI run.
-// COMPOSE_FULL_SUITE=1 runs the test service's own command, `npm test`, as the README's
-// `docker compose run --rm test` does.
-const inImage =
-  process.env.COMPOSE_FULL_SUITE === '1'
-    ? []
-    : [
-        'node',
-        '--test',
-        '--test-reporter=spec',
-        '--test-concurrency=1',
-        'test/unit/**/*.test.ts',
-        'test/integration/consumer.test.ts',
-        'test/e2e/cli.test.ts',
-        'test/e2e/publish.test.ts',
-      ];
 const base = ['compose', '--project-directory', ROOT, '-p', project, ...files.flatMap((f) => ['-f', f])];
 
 interface Run {
@@ -387,9 +366,9 @@ describe('docker compose, on a real engine', { skip }, () => {
     assert.equal(later.RestartCount, 0);
   });
 
-  test('docker compose run --rm test: the tests pass inside the test image against the compose RabbitMQ', async (t) => {
+  test('docker compose run --rm test: the suite passes inside the test image against the compose RabbitMQ', async (t) => {
     const started = performance.now();
-    const run = await compose(['--profile', 'test', 'run', '--rm', '-T', 'test', ...inImage], {
+    const run = await compose(['--profile', 'test', 'run', '--rm', '-T', 'test'], {
       timeoutMs: 45 * MINUTE,
       allowFail: true,
     });
