@@ -24,6 +24,7 @@ import {
   cliArgs,
   freshName,
   getJson,
+  seriesAt,
   spawnCli,
   startCliService,
   waitFor,
@@ -31,12 +32,6 @@ import {
 
 const TOKEN = 'borders-test-token';
 const header = (m: GetMessage | undefined, name: string) => m?.properties.headers?.[name];
-
-async function metric(port: number, series: string): Promise<number | undefined> {
-  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
-  return line === undefined ? undefined : Number(line.slice(series.length + 1));
-}
 
 test('a task that sends malformed IPC frames or forges a result line is killed; its message ends crashed once; the master lives', async (t) => {
   const queue = freshName(t);
@@ -58,13 +53,13 @@ test('a task that sends malformed IPC frames or forges a result line is killed; 
   // A crash gives back what its worker held, so in flight can touch 0 before "fine" ran.
   await waitFor(
     'fine ran',
-    async () => (await metric(port, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) === 1,
+    async () => (await seriesAt(port, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) === 1,
   );
   await waitFor('everything settled', async () => (await getJson(port, '/health')).body.tasksInFlight === 0);
   // Once each: a hot loop would have run them again and again (16,813 times in 15 s before).
   assert.equal(await b.count(`${queue}.dead`), 0, 'no second dead letter');
-  assert.equal(await metric(port, 'amqp_concurrency_tasks_total{func="sendFrame",outcome="crashed"}'), 3);
-  assert.equal(await metric(port, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}'), 1);
+  assert.equal(await seriesAt(port, 'amqp_concurrency_tasks_total{func="sendFrame",outcome="crashed"}'), 3);
+  assert.equal(await seriesAt(port, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}'), 1);
   assert.equal((await getJson(port, '/health')).status, 200);
   assert.equal(cli.child.exitCode, null, 'the master is up');
   cli.child.kill('SIGTERM');
@@ -97,7 +92,7 @@ test('producer headers that cannot be copied into a dead letter: a cleaned copy,
   // for the count of adds itself, then for the rest to settle.
   await waitFor(
     'the 10 adds succeeded',
-    async () => (await metric(port, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) === 10,
+    async () => (await seriesAt(port, 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}')) === 10,
   );
   await waitFor('all settled', async () => (await getJson(port, '/health')).body.tasksInFlight === 0);
   assert.equal(await b.count(queue), 0);
@@ -157,9 +152,9 @@ test('a backlog of large bodies keeps the master within the held-bytes budget, a
     async () => {
       const health = (await getJson(port, '/health')).body as { amqp: { paused: boolean } };
       paused ||= health.amqp.paused;
-      peakHeld = Math.max(peakHeld, (await metric(port, 'amqp_concurrency_held_bytes')) ?? 0);
+      peakHeld = Math.max(peakHeld, (await seriesAt(port, 'amqp_concurrency_held_bytes')) ?? 0);
       peakRss = Math.max(peakRss, rss());
-      return (await metric(port, 'amqp_concurrency_tasks_total{func="sleep",outcome="succeeded"}')) === 24;
+      return (await seriesAt(port, 'amqp_concurrency_tasks_total{func="sleep",outcome="succeeded"}')) === 24;
     },
     120_000,
   );

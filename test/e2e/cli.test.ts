@@ -14,6 +14,7 @@ import {
   freshName,
   getJson,
   ROOT,
+  seriesAt,
   spawnCli,
   startCliService,
   waitFor,
@@ -250,25 +251,18 @@ test('one good task through the bin, as a user would run it', async (t) => {
   assert.equal((await cli.exit).code, 0);
 });
 
-/** One series (`name{labels}`) of a spawned service's /metrics, or undefined when absent. */
-async function seriesOf(port: number, series: string): Promise<number | undefined> {
-  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
-  return line === undefined ? undefined : Number(line.slice(series.length + 1));
-}
-
 /** Runs `n` tiny tasks through a fresh CLI service: the master's young generation (V8's new space) when ready and at the end. */
 async function youngGenerationOver(t: TestContext, n: number, env: Record<string, string> = {}) {
   const queue = freshName(t);
   const { b, port } = await startCliService(t, queue, ['--workers', '2'], env);
   const young = 'nodejs_heap_space_size_total_bytes{space="new"}';
-  const ready = await seriesOf(port, young);
+  const ready = await seriesAt(port, young);
   const body = Buffer.from('{"func":"add","args":[1,2]}');
   for (let i = 0; i < n; i++) if (!b.channel.sendToQueue(queue, body)) await once(b.channel, 'drain');
   await b.channel.waitForConfirms();
   const succeeded = 'amqp_concurrency_tasks_total{func="add",outcome="succeeded"}';
-  await waitFor(`${n} tasks to succeed`, async () => ((await seriesOf(port, succeeded)) ?? 0) >= n, 120_000);
-  return { ready, end: await seriesOf(port, young) };
+  await waitFor(`${n} tasks to succeed`, async () => ((await seriesAt(port, succeeded)) ?? 0) >= n, 120_000);
+  return { ready, end: await seriesAt(port, young) };
 }
 
 test("the master's young generation keeps its size over a long run, unless the user sets a semi-space flag", async (t) => {

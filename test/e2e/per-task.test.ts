@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { type TestContext, test } from 'node:test';
 import type { GetMessage } from 'amqplib';
 import { delayQueueName } from '../../src/amqp/delay.ts';
-import { freshName, getJson, spawnCli, startCliService, waitFor } from '../support/helpers.ts';
+import { freshName, getJson, seriesAt, spawnCli, startCliService, waitFor } from '../support/helpers.ts';
 
 const TASKS = new URL('../fixtures/controlled-tasks.ts', import.meta.url).pathname;
 const TOKEN = 'per-task-token';
@@ -20,12 +20,6 @@ function scratch(t: TestContext): string {
   const dir = mkdtempSync(join(tmpdir(), 'per-task-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   return dir;
-}
-
-async function metric(port: number, series: string): Promise<number | undefined> {
-  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
-  return line === undefined ? undefined : Number(line.slice(series.length + 1));
 }
 
 const start = (t: TestContext, queue: string, extra: string[] = []) =>
@@ -83,10 +77,11 @@ test('options beside each task: its own time limit, retries, concurrency and rat
       `more than 5 starts within 850 ms of ${at}: ${starts.join(' ')}`,
     );
   assert.ok(
-    ((await metric(port, 'amqp_concurrency_tasks_held_back_total{func="rated",limit="rate"}')) as number) > 0,
+    ((await seriesAt(port, 'amqp_concurrency_tasks_held_back_total{func="rated",limit="rate"}')) as number) >
+      0,
   );
   assert.ok(
-    ((await metric(
+    ((await seriesAt(
       port,
       'amqp_concurrency_tasks_held_back_total{func="single",limit="concurrency"}',
     )) as number) > 0,
@@ -157,7 +152,7 @@ test('x-delay: 3000 runs no earlier than 3 s after it was published, and is neve
   const waited = Number(at) - sentAt;
   t.diagnostic(`ran ${waited} ms after it was published`);
   assert.ok(waited >= 3_000, `ran after ${waited} ms`);
-  assert.ok(((await metric(port, 'amqp_concurrency_messages_delayed_total{func="note"}')) as number) >= 1);
+  assert.ok(((await seriesAt(port, 'amqp_concurrency_messages_delayed_total{func="note"}')) as number) >= 1);
   for (const step of [100, 400, 1600]) assert.equal(await b.count(delayQueueName(queue, step)), 0);
   // A delay that cannot be honoured is rejected with its reason.
   await b.send(
@@ -210,7 +205,7 @@ test('DELETE /tasks/{id}: refused without the token; stops a running task, drops
     ['fine'],
   );
   assert.equal(
-    await metric(port, 'amqp_concurrency_tasks_total{func="waitForCancel",outcome="cancelled"}'),
+    await seriesAt(port, 'amqp_concurrency_tasks_total{func="waitForCancel",outcome="cancelled"}'),
     1,
   );
   assert.equal((await getJson(port, '/health')).status, 200);

@@ -318,13 +318,23 @@ export async function startCliService(
   return { b, cli, port };
 }
 
+/** The value of one series (`name{labels}`) in a /metrics text, or undefined when absent. */
+function seriesIn(text: string, series: string): number | undefined {
+  const line = text.split('\n').find((l) => l.startsWith(`${series} `));
+  return line === undefined ? undefined : Number(line.slice(series.length + 1));
+}
+
 /** The value of one series (`name{labels}`) in the service's /metrics text, or undefined when absent. */
 export async function seriesValue(
   service: { metrics: { registry: { metrics(): Promise<string> } } },
   series: string,
 ): Promise<number | undefined> {
-  const line = (await service.metrics.registry.metrics()).split('\n').find((l) => l.startsWith(`${series} `));
-  return line === undefined ? undefined : Number(line.slice(series.length + 1));
+  return seriesIn(await service.metrics.registry.metrics(), series);
+}
+
+/** The same, read over HTTP from a spawned service's /metrics on `port`. */
+export async function seriesAt(port: number, series: string): Promise<number | undefined> {
+  return seriesIn(await (await fetch(`http://127.0.0.1:${port}/metrics`)).text(), series);
 }
 
 /** Whether a process with this pid exists (signal 0 checks without signalling). */
