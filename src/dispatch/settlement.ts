@@ -128,8 +128,7 @@ export class Settlement {
   finish(work: Work, ending: Ending): void {
     if (work.finished) return;
     work.finished = true;
-    const redeliveries = this.#opts.redeliveries;
-    redeliveries.unorphan(work);
+    this.#opts.redeliveries.unorphan(work);
     try {
       const { message } = work.delivery;
       const retry = retryRoute(
