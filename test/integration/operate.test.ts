@@ -22,14 +22,20 @@ async function metric(service: Parameters<typeof seriesValue>[0], series: string
 
 test('the pool grows and shrinks while tasks run, the prefetch follows, nothing is lost', async (t) => {
   const b = await broker(t);
-  const service = await startService(t, b, testConfig(t, { workers: 1, prefetch: 4 }));
+  // The first tasks stay busy until the gate opens: three busy workers is then a state the
+  // test waits for, not a moment it has to catch while the new workers fork on a busy machine.
+  const service = await startService(t, b, testConfig(t, { workers: 1, prefetch: 4, workerTimeout: 60 }));
   const q = service.config.queue;
   const replies = await b.channel.assertQueue('', { exclusive: true });
-  for (let i = 0; i < 6; i++) await call(b, q, replies.queue, { func: 'sleep', args: [0.3] }, `a${i}`);
+  const dir = mkdtempSync(join(tmpdir(), 'amqpc-grow-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const gate = join(dir, 'gate');
+  for (let i = 0; i < 6; i++) await call(b, q, replies.queue, { func: 'waitAtGate', args: [gate] }, `a${i}`);
   service.setWorkers(3);
-  await waitFor('three busy workers', () => service.health().workers.busy === 3);
+  await waitFor('three busy workers', () => service.health().workers.busy === 3, 60_000);
   assert.equal(service.status().prefetch, 12);
   assert.equal(service.status().workers.length, 3);
+  writeFileSync(gate, '');
   service.setWorkers(1);
   assert.equal(service.status().prefetch, 4);
   for (let i = 0; i < 4; i++) await call(b, q, replies.queue, { func: 'add', args: [i, 1] }, `b${i}`);
