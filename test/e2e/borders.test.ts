@@ -212,7 +212,8 @@ test('PUT /workers past --max-workers is refused with the reason; --workers past
 
 test('what a task started dies with it: a sleep it spawned is gone after its timeout', async (t) => {
   const queue = freshName(t);
-  const { b, port } = await startCliService(t, queue, ['--worker-timeout', '1']);
+  // Time for the task to spawn the sleep and for the test to see it alive, on a busy machine.
+  const { b, port } = await startCliService(t, queue, ['--worker-timeout', '3']);
   const dir = mkdtempSync(join(tmpdir(), 'borders-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   const pidFile = join(dir, 'sleep.pid');

@@ -12,6 +12,7 @@ import {
   CLI,
   cliArgs,
   freshName,
+  gate,
   getJson,
   ROOT,
   seriesAt,
@@ -121,25 +122,29 @@ test('SIGTERM drains: running tasks finish and are acked, the rest go back, exit
   const queue = freshName(t);
   const { b, cli, port } = await startCliService(t, queue, ['--workers', '1', '--prefetch', '10']);
   const replies = await b.channel.assertQueue('', { exclusive: true });
-  await b.send(queue, { func: 'sleep', args: [1] }, { replyTo: replies.queue, correlationId: 'running' });
+  // The running task holds until the test opens its gate: the drain is a state the test
+  // looks at, not a race against a task of fixed length.
+  const running = gate(t);
+  await b.send(
+    queue,
+    { func: 'waitAtGate', args: [running.path] },
+    { replyTo: replies.queue, correlationId: 'running' },
+  );
   for (let i = 0; i < 5; i++)
     await b.send(queue, { func: 'add', args: [i, 0] }, { messageId: `waiting-${i}` });
   await waitBusy(port, 1);
   cli.child.kill('SIGTERM');
   // /health turns 503 as soon as the signal is handled, before the running task ends.
-  const during = await waitFor(
-    '/health to say draining',
-    async () => {
-      const h = await getJson(port, '/health');
-      return h.status === 503 ? h : undefined;
-    },
-    900,
-  );
+  const during = await waitFor('/health to say draining', async () => {
+    const h = await getJson(port, '/health');
+    return h.status === 503 ? h : undefined;
+  });
   assert.equal(during.body.status, 'draining');
+  running.open();
   const { code } = await cli.exit;
   assert.equal(code, 0);
   const [reply] = await b.take(replies.queue, 1);
-  assert.deepEqual(JSON.parse(String(reply?.content)), { ok: true, result: 'slept' });
+  assert.deepEqual(JSON.parse(String(reply?.content)), { ok: true, result: 'opened' });
   const back = await b.drainQueue(queue);
   assert.deepEqual(
     back.map((m) => m.properties.messageId).sort(),

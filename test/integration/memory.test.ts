@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { collectGarbage } from '../../src/util/gc.ts';
-import { broker, seriesValue, startService, testConfig, waitFor } from '../support/helpers.ts';
+import { broker, gate, seriesValue, startService, testConfig, waitFor } from '../support/helpers.ts';
 
 test('past --max-held-bytes consuming pauses, and resumes under half; nothing lost, nothing twice', async (t) => {
   const b = await broker(t);
@@ -20,7 +20,13 @@ test('past --max-held-bytes consuming pauses, and resumes under half; nothing lo
     paused ||= service.consumer.paused;
   }, 5);
   t.after(() => clearInterval(watch));
+  // The one worker is held at a gate while the 30 arrive, so they pile up in the master
+  // however fast the machine publishes or runs them.
+  const held = gate(t);
+  await b.send(q, { func: 'waitAtGate', args: [held.path] });
   for (let i = 0; i < 30; i++) await b.send(q, { func: 'sleep', args: [0.02], kwargs: { pad } });
+  await waitFor('consuming to pause over the budget', () => service.consumer.paused);
+  held.open();
   let peak = 0;
   await waitFor('all 30 to run', async () => {
     peak = Math.max(peak, service.dispatcher.heldBytes);

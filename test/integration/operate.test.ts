@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
 import type { Broker } from '../support/helpers.ts';
-import { broker, seriesValue, startService, testConfig, waitFor } from '../support/helpers.ts';
+import { broker, gate, seriesValue, startService, testConfig, waitFor } from '../support/helpers.ts';
 
 async function call(b: Broker, queue: string, replyQueue: string, body: object, id: string) {
   await b.send(queue, body, { replyTo: replyQueue, correlationId: id, messageId: id });
@@ -27,15 +27,14 @@ test('the pool grows and shrinks while tasks run, the prefetch follows, nothing 
   const service = await startService(t, b, testConfig(t, { workers: 1, prefetch: 4, workerTimeout: 60 }));
   const q = service.config.queue;
   const replies = await b.channel.assertQueue('', { exclusive: true });
-  const dir = mkdtempSync(join(tmpdir(), 'amqpc-grow-'));
-  t.after(() => rmSync(dir, { recursive: true, force: true }));
-  const gate = join(dir, 'gate');
-  for (let i = 0; i < 6; i++) await call(b, q, replies.queue, { func: 'waitAtGate', args: [gate] }, `a${i}`);
+  const held = gate(t);
+  for (let i = 0; i < 6; i++)
+    await call(b, q, replies.queue, { func: 'waitAtGate', args: [held.path] }, `a${i}`);
   service.setWorkers(3);
   await waitFor('three busy workers', () => service.health().workers.busy === 3, 60_000);
   assert.equal(service.status().prefetch, 12);
   assert.equal(service.status().workers.length, 3);
-  writeFileSync(gate, '');
+  held.open();
   service.setWorkers(1);
   assert.equal(service.status().prefetch, 4);
   for (let i = 0; i < 4; i++) await call(b, q, replies.queue, { func: 'add', args: [i, 1] }, `b${i}`);
@@ -75,12 +74,16 @@ test('a long task does not hold back the acks of the short ones after it: the wi
   const service = await startService(t, b, testConfig(t, { workers: 2, prefetch: 4 }));
   const q = service.config.queue;
   const replies = await b.channel.assertQueue('', { exclusive: true });
-  await call(b, q, replies.queue, { func: 'sleep', args: [2] }, 'long');
+  // The long task runs until the test opens its gate: however slow the machine, the short
+  // ones can only all reply while it still runs if their acks move the window past it.
+  const long = gate(t);
+  await call(b, q, replies.queue, { func: 'waitAtGate', args: [long.path] }, 'long');
   for (let i = 0; i < 20; i++) await call(b, q, replies.queue, { func: 'add', args: [i, 1] }, `s${i}`);
-  const first = results(await b.take(replies.queue, 20, 1_500));
+  const first = results(await b.take(replies.queue, 20));
   assert.equal(first.has('long'), false, 'the long task is still running');
   assert.equal(first.size, 20, 'all twenty short ones replied meanwhile');
-  assert.equal(results(await b.take(replies.queue, 1, 5_000)).get('long')?.ok, true);
+  long.open();
+  assert.equal(results(await b.take(replies.queue, 1)).get('long')?.ok, true);
 });
 
 test('--max-tasks-per-worker replaces a worker between tasks, counted as recycle', async (t) => {
@@ -161,21 +164,36 @@ test('reload rolls the workers onto new task code with no message lost', async (
   const dir = mkdtempSync(join(tmpdir(), 'reload-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   const module = join(dir, 'tasks.mjs');
+  // version(ms, gate) waits for the gate file (when given), then ms: the tasks before the
+  // reload are still running when it starts, whatever the machine's speed.
   const write = (version: string) =>
     writeFileSync(
       module,
-      `export async function version(ms) { await new Promise((r) => setTimeout(r, ms)); return ${JSON.stringify(version)}; }`,
+      `import { existsSync } from 'node:fs';
+      const pause = (ms) => new Promise((r) => setTimeout(r, ms));
+      export async function version(ms, gate) {
+        while (gate && !existsSync(gate)) await pause(20);
+        await pause(ms);
+        return ${JSON.stringify(version)};
+      }`,
     );
   write('v1');
   const b = await broker(t);
-  const service = await startService(t, b, testConfig(t, { workers: 2, taskPath: module }));
+  const service = await startService(
+    t,
+    b,
+    testConfig(t, { workers: 2, taskPath: module, workerTimeout: 60 }),
+  );
   const q = service.config.queue;
   const replies = await b.channel.assertQueue('', { exclusive: true });
-  for (let i = 0; i < 10; i++) await call(b, q, replies.queue, { func: 'version', args: [50] }, `before${i}`);
-  await waitFor('a task to start', () => service.health().workers.busy > 0);
+  const running = gate(t);
+  for (let i = 0; i < 10; i++)
+    await call(b, q, replies.queue, { func: 'version', args: [50, running.path] }, `before${i}`);
+  await waitFor('both workers running a task', () => service.health().workers.busy === 2);
   write('v2');
   const reloading = service.reload();
   for (let i = 0; i < 10; i++) await call(b, q, replies.queue, { func: 'version', args: [50] }, `during${i}`);
+  running.open();
   await reloading;
   assert.ok(service.health().workers.up >= 1);
   for (let i = 0; i < 4; i++) await call(b, q, replies.queue, { func: 'version', args: [0] }, `after${i}`);

@@ -9,7 +9,7 @@ import { pathToFileURL } from 'node:url';
 import pino from 'pino';
 import type { ServiceError } from '../../src/errors.ts';
 import { Pool } from '../../src/pool/pool.ts';
-import { FIXTURE_TASKS, taskRequest as request, waitFor } from '../support/helpers.ts';
+import { FIXTURE_TASKS, gate, taskRequest as request, waitFor } from '../support/helpers.ts';
 
 const logger = pino({ level: 'silent' });
 
@@ -66,7 +66,9 @@ test('a task held behind one that turns out long is run by the other worker, whi
     });
   // The first worker takes the long task, the second a short one, and the first the
   // next task (held behind the long one): both hold one task each.
-  const long = track('long', p.run(request('sleep', [3])));
+  // The long one runs until the gate opens: the held task ends first whatever the machine.
+  const longGate = gate(t);
+  const long = track('long', p.run(request('waitAtGate', [longGate.path])));
   const first = track('short', p.run(request('sleep', [0.05])));
   const held = track('held', p.run(request('pid')));
   // Newer tasks keep the queue full, so no worker ever idles.
@@ -74,12 +76,13 @@ test('a task held behind one that turns out long is run by the other worker, whi
   const heldResult = await held;
   assert.equal(heldResult.outcome, 'succeeded');
   assert.ok(!ended.includes('long'), `the held task ended before the long one (ended: ${ended.join(', ')})`);
+  longGate.open();
   const longResult = await long;
   assert.equal(longResult.outcome, 'succeeded');
+  await Promise.all([first, ...newer]);
   // Taken back to the front once the long one had run three times the average (50 ms):
   // ahead of most of the newer tasks, which would all have passed it in its old place.
   assert.ok(ended.indexOf('held') < ended.indexOf('newer15'), `ended in this order: ${ended.join(', ')}`);
-  await Promise.all([first, ...newer]);
 });
 
 test('a module that fails to load rejects start with ERR_TASK_MODULE and leaves no child behind', async (t) => {

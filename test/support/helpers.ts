@@ -3,6 +3,9 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import amqp, { type ChannelModel, type ConfirmChannel, type GetMessage, type Options } from 'amqplib';
 import pino from 'pino';
@@ -346,4 +349,22 @@ export function alive(pid: number | undefined): boolean {
   } catch {
     return false;
   }
+}
+
+export interface Gate {
+  /** The file whose existence opens the gate: the argument of the fixture `waitAtGate`. */
+  path: string;
+  open(): void;
+}
+
+/**
+ * A gate for tasks that must stay busy until the test has seen what it waits for: a state
+ * held until the test lets go, not a moment to catch before a fixed-length task ends on a
+ * machine slower than the one the test was written on.
+ */
+export function gate(t: TestContext): Gate {
+  const dir = mkdtempSync(join(tmpdir(), 'amqpc-gate-'));
+  t.after(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, 'gate');
+  return { path, open: () => writeFileSync(path, '') };
 }
