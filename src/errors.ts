@@ -108,6 +108,28 @@ export class ClientError extends Error {
   }
 }
 
+/**
+ * sendMany's error: the broker refused one of the batch (or the connection went), and
+ * nothing after it was sent. Its code is that first failure's. The ids and `confirmed`
+ * are by index in the batch. Only the confirmed are certainly in the queue; one whose
+ * confirm was lost with the connection may be there too, so a resend may run it twice.
+ */
+export class SendManyError extends ClientError {
+  /** Every task's message id, in the order given, sent or not. */
+  readonly messageIds: readonly string[];
+  /** Whether the broker confirmed each: only those are certainly in the queue. */
+  readonly confirmed: readonly boolean[];
+  constructor(first: ClientError, messageIds: readonly string[], confirmed: readonly boolean[]) {
+    const missing = confirmed.filter((c) => !c).length;
+    super(first.code, `${missing} of ${messageIds.length} tasks were not confirmed: ${first.message}`, {
+      cause: first,
+    });
+    this.name = 'SendManyError';
+    this.messageIds = messageIds;
+    this.confirmed = confirmed;
+  }
+}
+
 /** The plain shape an error takes when it crosses IPC (structured clone or JSON). */
 export interface SerializedError {
   name: string;

@@ -6,8 +6,10 @@ export {
   Client,
   type ClientOptions,
   createClient,
+  type SendManyOptions,
   type SendOptions,
   type TaskArgs,
+  type TaskItem,
   type TaskModule,
   type TaskName,
   type TaskResult,
@@ -19,6 +21,7 @@ export {
   type ClientErrorCode,
   type ErrorCode,
   type FailureKind,
+  SendManyError,
   ServiceError,
   TaskCallError,
 } from './errors.ts';

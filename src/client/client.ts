@@ -7,6 +7,9 @@
 //
 // One connection and one confirm channel per client. Messages are published persistent
 // and mandatory, so a message that no queue would take is an error, not a silent drop.
+// sendMany publishes a batch down the same channel without waiting for each confirm in
+// turn: up to a window of messages are out unconfirmed at once (and none while the
+// socket's buffer is full), which is where a producer's throughput comes from.
 // A lost connection is not reopened: everything pending rejects with ERR_CLIENT_CLOSED
 // and the caller makes a new client.
 import { randomUUID } from 'node:crypto';
@@ -16,7 +19,7 @@ import pino from 'pino';
 import { AddressList, openFirst } from '../amqp/connection.ts';
 import { BROKER_DEFAULTS, DEFAULT_URLS } from '../amqp/defaults.ts';
 import { splitUrls } from '../amqp/url.ts';
-import { ClientError, type FailureKind, TaskCallError } from '../errors.ts';
+import { ClientError, type FailureKind, SendManyError, TaskCallError } from '../errors.ts';
 
 // biome-ignore lint/suspicious/noExplicitAny: task signatures are the caller's; any keeps them open
 type AnyTask = (...args: any[]) => unknown;
@@ -69,6 +72,33 @@ export interface CallOptions {
   headers?: Record<string, unknown>;
 }
 
+/** One task for sendMany: send's arguments as one object. */
+export type TaskItem<T> = {
+  [K in TaskName<T>]: {
+    func: K;
+    args: TaskArgs<T, K>;
+    kwargs?: Record<string, unknown>;
+    options?: SendOptions;
+  };
+}[TaskName<T>];
+
+export interface SendManyOptions {
+  /**
+   * How many messages may wait for their confirm at once (default 1,000). A larger window
+   * keeps more in the client's memory and in flight; 1 is send() one after another.
+   */
+  window?: number;
+}
+
+const DEFAULT_WINDOW = 1_000;
+
+/** A message ready to publish: its id, body and properties. */
+interface Outgoing {
+  messageId: string;
+  content: Buffer;
+  properties: Options.Publish;
+}
+
 const REPLY_TO = 'amq.rabbitmq.reply-to';
 const KINDS: readonly string[] = ['failed', 'timeout', 'crashed', 'rejected', 'cancelled'];
 
@@ -117,6 +147,78 @@ export class Client<T extends TaskModule = AnyTasks> {
     kwargs?: Record<string, unknown>,
     options: SendOptions = {},
   ): Promise<string> {
+    const message = this.#message(func, args, kwargs, options);
+    await new Promise<void>((resolve, reject) => {
+      this.#publish(message, (err) => (err === undefined ? resolve() : reject(err)));
+    });
+    return message.messageId;
+  }
+
+  /**
+   * Publishes the tasks in their order and resolves with their message ids, in the same
+   * order, once the broker has confirmed every one. Every task is checked before the first
+   * is sent: a bad option throws and sends nothing. When the broker refuses one (or the
+   * connection goes), nothing more is sent; once the messages already out are answered,
+   * it rejects with a SendManyError that says which were confirmed.
+   */
+  async sendMany(tasks: readonly TaskItem<T>[], options: SendManyOptions = {}): Promise<string[]> {
+    const window = options.window ?? DEFAULT_WINDOW;
+    if (!Number.isSafeInteger(window) || window < 1)
+      throw new RangeError(`window must be a whole number of 1 or more (got ${window})`);
+    const messages = tasks.map((task) =>
+      this.#message(task.func, task.args, task.kwargs, task.options ?? {}),
+    );
+    const confirmed = messages.map(() => false);
+    let failure: ClientError | undefined;
+    let unconfirmed = 0;
+    /** The channel's buffer is full: nothing more until it drains. */
+    let full = false;
+    /** Set while the loop waits: for a confirm (a place in the window) or for the buffer to drain. */
+    let wake: (() => void) | undefined;
+    const wait = () =>
+      new Promise<void>((resolve) => {
+        wake = resolve;
+      });
+    const wakeUp = () => {
+      const resolve = wake;
+      wake = undefined;
+      resolve?.();
+    };
+    // The channel emits 'drain' once its buffer has room again. A close ends any wait
+    // too: it fails the confirms still out, and there is always one out while full.
+    const drained = () => {
+      full = false;
+      wakeUp();
+    };
+    this.#channel.on('drain', drained);
+    try {
+      for (let i = 0; i < messages.length; i++) {
+        while ((unconfirmed >= window || full) && failure === undefined) await wait();
+        if (failure !== undefined) break;
+        unconfirmed++;
+        full = !this.#publish(messages[i] as Outgoing, (err) => {
+          unconfirmed--;
+          if (err === undefined) confirmed[i] = true;
+          else failure ??= err;
+          wakeUp();
+        });
+      }
+      while (unconfirmed > 0) await wait();
+    } finally {
+      this.#channel.off('drain', drained);
+    }
+    const messageIds = messages.map((m) => m.messageId);
+    if (failure !== undefined) throw new SendManyError(failure, messageIds, confirmed);
+    return messageIds;
+  }
+
+  /** The message for a task: send's checks, its id, its body and its properties. */
+  #message(
+    func: string,
+    args: unknown,
+    kwargs: Record<string, unknown> | undefined,
+    options: SendOptions,
+  ): Outgoing {
     const messageId = options.messageId ?? randomUUID();
     const body = JSON.stringify(kwargs === undefined ? { func, args } : { func, args, kwargs });
     const properties: Options.Publish = {
@@ -145,37 +247,50 @@ export class Client<T extends TaskModule = AnyTasks> {
         );
       properties.headers = { ...properties.headers, 'x-delay': Math.ceil(options.delayMs) };
     }
-    await this.#publish(Buffer.from(body), messageId, properties);
-    return messageId;
+    return { messageId, content: Buffer.from(body), properties };
   }
 
-  #publish(content: Buffer, messageId: string, properties: Options.Publish): Promise<void> {
-    if (this.#closed !== undefined) return Promise.reject(this.#closed);
-    return new Promise<void>((resolve, reject) => {
-      const confirmed = (err: unknown) => {
-        // The broker sends basic.return before the ack of the same message.
-        if (this.#returned.delete(messageId)) {
-          reject(
-            new ClientError(
-              'ERR_UNROUTABLE',
-              `no queue is bound to exchange "${this.exchange}" with routing key "${this.routingKey}": the broker dropped the message`,
-            ),
-          );
-        } else if (err) {
-          const cause = this.#lastError ?? err;
-          const why = this.#lastError?.message ?? (err instanceof Error ? err.message : String(err));
-          reject(
-            new ClientError('ERR_NOT_CONFIRMED', `the broker did not confirm the message: ${why}`, { cause }),
-          );
-        } else resolve();
-      };
-      try {
-        this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
-      } catch (err) {
-        // amqplib throws at once on a channel that has closed.
-        reject(this.#closed ?? new ClientError('ERR_CLIENT_CLOSED', 'the channel is closed', { cause: err }));
-      }
-    });
+  /**
+   * Publishes one message; `done` is called once, with nothing when the broker confirmed
+   * it and with the reason otherwise. Returns false when the channel's buffer is full:
+   * wait for its 'drain' before publishing more.
+   */
+  #publish(message: Outgoing, done: (err?: ClientError) => void): boolean {
+    if (this.#closed !== undefined) {
+      const closed = this.#closed;
+      queueMicrotask(() => done(closed));
+      return true;
+    }
+    const { messageId, content, properties } = message;
+    const confirmed = (err: unknown) => {
+      // The broker sends basic.return before the ack of the same message.
+      if (this.#returned.delete(messageId)) {
+        done(
+          new ClientError(
+            'ERR_UNROUTABLE',
+            `no queue is bound to exchange "${this.exchange}" with routing key "${this.routingKey}": the broker dropped the message`,
+          ),
+        );
+      } else if (err && this.#closed !== undefined) {
+        // Closed by close() (or by a loss already heard of) before the confirm came.
+        done(new ClientError(this.#closed.code, this.#closed.message, { cause: err }));
+      } else if (err) {
+        const cause = this.#lastError ?? err;
+        const why = this.#lastError?.message ?? (err instanceof Error ? err.message : String(err));
+        done(
+          new ClientError('ERR_NOT_CONFIRMED', `the broker did not confirm the message: ${why}`, { cause }),
+        );
+      } else done();
+    };
+    try {
+      return this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
+    } catch (err) {
+      // amqplib throws at once on a channel that has closed.
+      const closed =
+        this.#closed ?? new ClientError('ERR_CLIENT_CLOSED', 'the channel is closed', { cause: err });
+      queueMicrotask(() => done(closed));
+      return true;
+    }
   }
 
   /**

@@ -5,9 +5,17 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { GetMessage } from 'amqplib';
 import { type Client, createClient } from '../../src/client/client.ts';
-import { ClientError, TaskCallError } from '../../src/errors.ts';
+import { ClientError, SendManyError, TaskCallError } from '../../src/errors.ts';
 import type * as fixtures from '../fixtures/tasks.ts';
-import { AMQP_URL, type Broker, broker, freshName, startService, testConfig } from '../support/helpers.ts';
+import {
+  AMQP_URL,
+  type Broker,
+  broker,
+  freshName,
+  startService,
+  testConfig,
+  waitFor,
+} from '../support/helpers.ts';
 
 type TestContext = Parameters<typeof broker>[0];
 
@@ -184,6 +192,78 @@ test('send to a routing key no queue is bound to rejects with ERR_UNROUTABLE ins
   const found = await client(t, exchange, 'rk');
   assert.equal(await found.send('add', [3, 4], undefined, { messageId: 'ok-1' }), 'ok-1');
   assert.equal(await b.count(queue), 1);
+});
+
+test('sendMany: 5,000 tasks in one pipelined batch, confirmed, in the queue in their order with their own options', async (t) => {
+  const b = await broker(t);
+  const { exchange, queue } = await quietQueue(t, b);
+  const c = await client(t, exchange);
+  const tasks = Array.from({ length: 5_000 }, (_, i) =>
+    i % 1_000 === 0
+      ? {
+          func: 'echo' as const,
+          args: [i],
+          kwargs: { k: i },
+          options: { messageId: `own-${i}`, priority: 5 },
+        }
+      : { func: 'add' as const, args: [i, 1] as [number, number] },
+  );
+  const ids = await c.sendMany(tasks, { window: 200 });
+  assert.equal(ids.length, 5_000);
+  assert.equal(new Set(ids).size, 5_000);
+  assert.equal(ids[1_000], 'own-1000');
+  // Confirmed means stored: all of them are there now, in the order given.
+  const got = await b.take(queue, 5_000);
+  assert.deepEqual(
+    got.map((m) => m.properties.messageId),
+    ids,
+  );
+  assert.deepEqual(JSON.parse(String(got[1]?.content)), { func: 'add', args: [1, 1] });
+  assert.deepEqual(JSON.parse(String(got[2_000]?.content)), {
+    func: 'echo',
+    args: [2_000],
+    kwargs: { k: 2_000 },
+  });
+  assert.equal(got[2_000]?.properties.priority, 5);
+  assert.equal(got[2_000]?.properties.deliveryMode, 2);
+});
+
+test('sendMany that the broker refuses, or that a close cuts short: a SendManyError, and every task it calls confirmed is in the queue', async (t) => {
+  const b = await broker(t);
+  const { exchange, queue } = await quietQueue(t, b);
+  const lost = await client(t, exchange, 'nobody-listens');
+  const tasks = (n: number) =>
+    Array.from({ length: n }, (_, i) => ({ func: 'add' as const, args: [i, 1] as [number, number] }));
+  const unroutable = await lost.sendMany(tasks(50)).then(
+    () => assert.fail('resolved'),
+    (err: unknown) => err,
+  );
+  assert.ok(unroutable instanceof SendManyError);
+  assert.equal(unroutable.code, 'ERR_UNROUTABLE');
+  assert.equal(unroutable.confirmed.filter(Boolean).length, 0);
+  assert.match(unroutable.message, /^50 of 50 tasks were not confirmed: no queue is bound/);
+  assert.equal(await b.count(queue), 0);
+
+  const c = await client(t, exchange);
+  const sending = c.sendMany(tasks(50_000), { window: 50 }).then(
+    () => assert.fail('resolved: the close came too late to cut the batch'),
+    (err: unknown) => err,
+  );
+  await waitFor('a thousand in the queue', async () => (await b.count(queue)) >= 1_000, 30_000);
+  await c.close();
+  const cut = await sending;
+  assert.ok(cut instanceof SendManyError, String(cut));
+  assert.equal(cut.code, 'ERR_CLIENT_CLOSED');
+  assert.match(cut.message, /tasks were not confirmed: the client is closed$/);
+  const confirmed = cut.messageIds.filter((_, i) => cut.confirmed[i]);
+  const arrived = new Set((await b.take(queue, confirmed.length)).map((m) => String(m.properties.messageId)));
+  assert.ok(confirmed.length >= 1_000 && confirmed.length < 50_000, `${confirmed.length} confirmed`);
+  for (const id of confirmed) assert.ok(arrived.has(id), `${id} was confirmed, and is not in the queue`);
+  // Nothing after the cut was sent: what arrived is at most the confirmed and the window still out.
+  assert.ok(
+    arrived.size <= confirmed.length + 50,
+    `${arrived.size} arrived for ${confirmed.length} confirmed`,
+  );
 });
 
 test('a missing exchange rejects with the broker reason, and the client is closed after it', async (t) => {

@@ -47,6 +47,14 @@ async function typed(
   const id: string = await client.send('sleep', [1]);
   // @ts-expect-error: send checks the arguments too
   await client.send('sleep', ['one']);
+  const ids: string[] = await client.sendMany([
+    { func: 'test', args: [1, 2] },
+    { func: 'sleep', args: [1], options: { priority: 9 } },
+  ]);
+  // @ts-expect-error: sendMany checks each task's arguments against its own function
+  await client.sendMany([{ func: 'sleep', args: [1, 2] }]);
+  // @ts-expect-error: and its name
+  await client.sendMany([{ func: 'nope', args: [] }]);
   const fromFixtures: number = await fx.call('add', [1, 2]);
   // @ts-expect-error: the fixtures' add takes two numbers
   await fx.call('add', ['1', '2']);
@@ -60,7 +68,20 @@ async function typed(
   // @ts-expect-error: unknown is not a number
   const notNumber: number = await loose.call('whatever', []);
   const typedClient: Client<typeof fixtures> = await createClient<typeof fixtures>();
-  return [sum, notString, total, greeting, slept, id, fromFixtures, ran, anything, notNumber, typedClient];
+  return [
+    sum,
+    notString,
+    total,
+    greeting,
+    slept,
+    id,
+    ids,
+    fromFixtures,
+    ran,
+    anything,
+    notNumber,
+    typedClient,
+  ];
 }
 
 const ROOT = fileURLToPath(new URL('../../../', import.meta.url));
