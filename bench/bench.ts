@@ -7,6 +7,7 @@ import { once } from 'node:events';
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import amqp, { type ConfirmChannel } from 'amqplib';
+import { createClient } from '../src/client/client.ts';
 import { testBrokerUrl } from '../test/support/broker-url.ts';
 import { type ClusterFigures, clusterConnection, clusterPhase, rawRate } from './cluster.ts';
 import { type ServiceProcess, sleep, startServiceProcess } from './service-process.ts';
@@ -31,6 +32,9 @@ const N = QUICK ? 10_000 : 150_000;
 const CPU_TASKS = QUICK ? 400 : 1_600;
 const CPU_WARM_UP = QUICK ? 300 : 600;
 const MEMORY_TASKS = QUICK ? 40_000 : 200_000;
+/** Messages per producer run, and the confirm window both producers keep. */
+const PUBLISHED = QUICK ? 20_000 : 100_000;
+const PUBLISH_WINDOW = 1_000;
 /**
  * Throughput is counted after the first quarter of a run, for the raw consumer and the
  * service alike: a service just started is still compiling its hot path and sizing its
@@ -286,6 +290,73 @@ async function memory() {
   return { idle, after10k, afterAll, withBacklog, growth: afterAll / after10k - 1, old10k, oldAll };
 }
 
+/**
+ * Producers: the client's sendMany against amqplib publishing by hand with the same
+ * confirm window, the same properties (persistent, mandatory, a UUID message id) and the
+ * same body, to an exchange bound to a queue. Each from the first publish to the last
+ * confirm, alternated, the best of two each; the queue is purged between runs. Then, for
+ * what sendMany replaces, send() awaited one message after another.
+ */
+async function producers(): Promise<{ raw: number; client: number; ratio: number; oneByOne: number }> {
+  const queue = `bench.publish.${randomUUID().slice(0, 8)}`;
+  const exchange = `${queue}.x`;
+  await channel.assertExchange(exchange, 'direct', { durable: false, autoDelete: true });
+  await channel.assertQueue(queue, { durable: true });
+  await channel.bindQueue(queue, exchange, 'rk');
+  made.push(queue);
+  const body = Buffer.from('{"func":"noop","args":[]}');
+  const rawRun = async () => {
+    const ch = await connection.createConfirmChannel();
+    const started = performance.now();
+    let unconfirmed = 0;
+    let wake: (() => void) | undefined;
+    const confirmed = (err: unknown) => {
+      if (err) throw err;
+      unconfirmed--;
+      wake?.();
+    };
+    for (let i = 0; i < PUBLISHED; i++) {
+      while (unconfirmed >= PUBLISH_WINDOW) await new Promise<void>((r) => (wake = r));
+      unconfirmed++;
+      const props = {
+        persistent: true,
+        mandatory: true,
+        contentType: 'application/json',
+        messageId: randomUUID(),
+      };
+      if (!ch.publish(exchange, 'rk', body, props, confirmed)) await once(ch, 'drain');
+    }
+    await ch.waitForConfirms();
+    const rate = PUBLISHED / ((performance.now() - started) / 1000);
+    await ch.close();
+    return rate;
+  };
+  const client = await createClient({ url: AMQP_URL, exchange, routingKey: 'rk' });
+  const tasks = Array.from({ length: PUBLISHED }, () => ({ func: 'noop', args: [] }));
+  const clientRun = async () => {
+    const started = performance.now();
+    await client.sendMany(tasks, { window: PUBLISH_WINDOW });
+    return PUBLISHED / ((performance.now() - started) / 1000);
+  };
+  const raw: number[] = [];
+  const sent: number[] = [];
+  for (let round = 0; round < 2; round++) {
+    raw.push(await rawRun());
+    await channel.purgeQueue(queue);
+    sent.push(await clientRun());
+    await channel.purgeQueue(queue);
+  }
+  // What sendMany replaces: send() awaited one after another, a confirm's round trip each.
+  const oneByOneCount = QUICK ? 500 : 2_000;
+  const started = performance.now();
+  for (let i = 0; i < oneByOneCount; i++) await client.send('noop', []);
+  const oneByOne = Math.round(oneByOneCount / ((performance.now() - started) / 1000));
+  await channel.purgeQueue(queue);
+  await client.close();
+  const best = { raw: Math.round(Math.max(...raw)), client: Math.round(Math.max(...sent)) };
+  return { ...best, ratio: +(best.client / best.raw).toFixed(3), oneByOne };
+}
+
 // `--only=latency` (with BENCH_LATENCY_RATE), `--only=cpu` or `--only=memory`: one phase, as JSON, to iterate on it.
 const only = process.argv.find((a) => a.startsWith('--only='))?.slice('--only='.length);
 if (only !== undefined) {
@@ -301,6 +372,7 @@ if (only !== undefined) {
       };
     },
     memory,
+    producers,
     cpu: cpuEfficiency,
     tiny: () => tiny(2),
     raw: rawCeiling,
@@ -343,6 +415,8 @@ const rawLat90 = await latency('raw', 0.9, lat90.rate);
 const repliesRatio = (lat.maxRate + lat90.maxRate) / (rawLat.maxRate + rawLat90.maxRate);
 log(`master memory over ${MEMORY_TASKS} tasks...`);
 const mem = await memory();
+log(`producers: the client's sendMany against amqplib by hand, ${PUBLISHED} messages each...`);
+const publish = await producers();
 
 for (const q of new Set(made)) await channel.deleteQueue(q).catch(() => {});
 await connection.close();
@@ -402,6 +476,7 @@ const result = {
   latency90Ms: lat90,
   rawReplierLatency90Ms: rawLat90,
   masterRssMb: mem,
+  producersPerSecond: publish,
   cluster,
   seconds: Math.round((performance.now() - started) / 1000),
 };
@@ -439,6 +514,17 @@ else {
       '',
     ],
     [`master RSS with a backlog of ${MEMORY_TASKS} (MB)`, f(mem.withBacklog), ''],
+    [
+      `producers, window ${PUBLISH_WINDOW}: amqplib by hand (confirmed, persistent)`,
+      `${publish.raw}/s`,
+      '1.000',
+    ],
+    ["  the client's sendMany, the same messages", `${publish.client}/s`, publish.ratio.toFixed(3)],
+    [
+      "  the client's send(), each awaited before the next",
+      `${publish.oneByOne}/s`,
+      (publish.oneByOne / publish.raw).toFixed(3),
+    ],
     ['RSS growth from 10k tasks to the end', `${(mem.growth * 100).toFixed(1)}%`, ''],
     [
       'master V8 old generation in use, after 10k / after all (MB)',
