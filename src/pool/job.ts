@@ -87,4 +87,26 @@ export class Job {
   giveBack(reason: string): void {
     this.end({ outcome: 'returned', reason });
   }
+
+  /** What its child is sent to run it; `ownTimeoutMs`: its function's own time limit, if it has one. */
+  frame(ownTimeoutMs: number | undefined): RunTask {
+    const request = this.request;
+    const task: RunTask = {
+      taskId: this.taskId,
+      func: request.func,
+      args: request.args,
+      kwargs: request.kwargs,
+      messageId: request.messageId,
+      redelivered: request.redelivered,
+      attempt: request.attempt,
+      wantResult: request.wantResult,
+    };
+    if (request.exactJson !== undefined) task.exactJson = request.exactJson;
+    if (request.traceparent !== undefined) {
+      task.traceparent = request.traceparent;
+      if (request.tracestate !== undefined) task.tracestate = request.tracestate;
+    }
+    if (ownTimeoutMs !== undefined) task.timeoutMs = ownTimeoutMs;
+    return task;
+  }
 }

@@ -16,8 +16,9 @@
 
 import { taskFailure } from '../errors.ts';
 import type { FuncLimits, LimitKind } from './func-limits.ts';
+import { LONG_TASK_MS } from './hold-rule.ts';
 import type { Job } from './job.ts';
-import { LONG_TASK_MS, type SlotState } from './slot.ts';
+import type { SlotState } from './slot.ts';
 
 /** What the scheduler asks of a slot and tells it (Slot in slot.ts; fakes in the unit tests). */
 export interface SchedulerSlot {

@@ -6,37 +6,20 @@
 // reports back through events, and when it ends it gives back every task it held.
 //
 // The deadline is the master's, on the monotonic clock: a stuck child cannot stop its
-// own kill. One timer per slot watches the running task's time limit, not one per task:
-// tiny tasks start and end tens of thousands of times a second, and a timer made and
-// cleared for each was a per-task cost; the slot's timer, when it fires, looks at the
-// task running then and sleeps again until that task's deadline if it is not due. A kill is never the end of the story by itself: the exit is awaited (after
-// the results pipe has been read to its end, so results the child wrote before dying are
-// counted), and only then are its remaining tasks resolved.
+// own kill. One watch per slot (limit-watch.ts) keeps the running task's time limit. A
+// kill is never the end of the story by itself: the exit is awaited (after the results
+// pipe has been read to its end, so results the child wrote before dying are counted),
+// and only then are its remaining tasks resolved, as task-end.ts says.
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import { type ServiceError, serializeError, taskFailure } from '../errors.ts';
-import type { CancelledMessage, ResultLine, RunTask } from '../ipc/protocol.ts';
+import type { CancelledMessage, ResultLine } from '../ipc/protocol.ts';
 import type { TaskLimits } from '../ipc/task-options.ts';
 import { Child } from './child.ts';
-import type { Job, JobResult } from './job.ts';
-
-/** A running task older than this takes no pipeline of short tasks behind it (at most the next). */
-export const LONG_TASK_MS = 5;
-
-/**
- * Whether a worker holding `load` tasks (its running one started `ranMs` ago; undefined:
- * none has started) may hold one more, at most `depth` in all. The next task always, so
- * that it starts the moment the running one ends, unless that one has run `longMs` and
- * turned out long (another worker will likely be free sooner); more only while the
- * running one is short, as tiny tasks are.
- */
-export function mayHoldMore(load: number, depth: number, ranMs: number | undefined, longMs: number): boolean {
-  if (load === 0) return true;
-  if (load >= depth) return false;
-  if (ranMs === undefined) return true;
-  if (load === 1) return ranMs < longMs;
-  return ranMs < LONG_TASK_MS;
-}
+import { mayHoldMore } from './hold-rule.ts';
+import type { Job } from './job.ts';
+import { LimitWatch } from './limit-watch.ts';
+import { endAtExit, endOfResult } from './task-end.ts';
 
 /** Why a worker is on its way out: it finishes its running task first. */
 export type LeaveReason = 'scale' | 'reload' | 'recycle';
@@ -116,9 +99,8 @@ export class Slot extends EventEmitter<SlotEvents> {
   #takeBackAsked = false;
   /** What the child did wrong, when it broke the protocol. */
   #protocolProblem: string | undefined;
-  /** The time-limit watch (see the top of the file), and when it fires (performance.now()). */
-  #limitTimer: NodeJS.Timeout | undefined;
-  #limitAt = 0;
+  /** The running task's time limit. */
+  readonly #limitWatch = new LimitWatch(() => this.#onLimitWatch());
   tasksDone = 0;
 
   constructor(opts: SlotOptions) {
@@ -278,26 +260,7 @@ export class Slot extends EventEmitter<SlotEvents> {
 
   #send(jobs: Job[]): boolean {
     const limits = this.#limits;
-    const tasks: RunTask[] = jobs.map(({ taskId, request }) => {
-      const task: RunTask = {
-        taskId,
-        func: request.func,
-        args: request.args,
-        kwargs: request.kwargs,
-        messageId: request.messageId,
-        redelivered: request.redelivered,
-        attempt: request.attempt,
-        wantResult: request.wantResult,
-      };
-      if (request.exactJson !== undefined) task.exactJson = request.exactJson;
-      if (request.traceparent !== undefined) {
-        task.traceparent = request.traceparent;
-        if (request.tracestate !== undefined) task.tracestate = request.tracestate;
-      }
-      const own = limits[request.func]?.timeoutMs;
-      if (own !== undefined) task.timeoutMs = own;
-      return task;
-    });
+    const tasks = jobs.map((job) => job.frame(limits[job.request.func]?.timeoutMs));
     return this.#child.send({
       type: 'run',
       tasks,
@@ -424,28 +387,17 @@ export class Slot extends EventEmitter<SlotEvents> {
       return;
     }
     job.deadlineAt = now + this.#timeoutOf(job);
-    this.#watchLimit(job.deadlineAt, now);
+    this.#limitWatch.watch(job.deadlineAt, now);
     job.request.onStart?.();
-  }
-
-  /** The watch fires by `at` at the latest: it is moved only when `at` is earlier. */
-  #watchLimit(at: number, now: number): void {
-    if (this.#limitTimer !== undefined) {
-      if (this.#limitAt <= at) return;
-      clearTimeout(this.#limitTimer);
-    }
-    this.#limitAt = at;
-    this.#limitTimer = setTimeout(() => this.#onLimitWatch(), Math.max(0, at - now));
   }
 
   /** The watch fired: the task running now is past its time limit, or the watch sleeps until it is. */
   #onLimitWatch(): void {
-    this.#limitTimer = undefined;
     const job = this.#jobs[0];
     if (job === undefined || job.ended || job.cancelled || job.timedOut || job.startedAt === 0) return;
     const now = performance.now();
     // Node's timers count whole milliseconds: one may fire a fraction early.
-    if (now < job.deadlineAt - 1) this.#watchLimit(job.deadlineAt, now);
+    if (now < job.deadlineAt - 1) this.#limitWatch.watch(job.deadlineAt, now);
     else this.#timeLimit(job);
   }
 
@@ -492,20 +444,12 @@ export class Slot extends EventEmitter<SlotEvents> {
       // long task and several of no length.
       this.emit('ran', line.ranMs ?? durationMs);
       this.tasksDone++;
-      job.end(this.#resultOf(job, line, durationMs));
+      job.end(endOfResult(job, line, durationMs, this.#timeoutOf(job)));
       // The child starts the next one as it reports this one: so does its clock.
       const next = this.#jobs[0];
       if (next !== undefined) this.#startClock(next);
     }
     this.#afterTasks();
-  }
-
-  #resultOf(job: Job, line: ResultLine, durationMs: number): JobResult {
-    if (job.cancelled) return { outcome: 'cancelled', error: taskFailure.cancelled(true), durationMs };
-    if (job.timedOut)
-      return { outcome: 'timeout', error: taskFailure.timeout(this.#timeoutOf(job), true), durationMs };
-    if (line.ok) return { outcome: 'succeeded', resultJson: line.resultJson, durationMs };
-    return { outcome: 'failed', error: line.error, durationMs };
   }
 
   /** The child broke the protocol (the child kills it): its running task ends crashed, for it. */
@@ -544,37 +488,14 @@ export class Slot extends EventEmitter<SlotEvents> {
     const phase = this.#phase;
     const wasUp = phase.name === 'stopping' || phase.name === 'exited' ? phase.wasUp : this.isUp;
     this.#phase = { name: 'exited', killedFor: this.#killedFor, wasUp };
-    clearTimeout(this.#limitTimer);
-    this.#limitTimer = undefined;
+    this.#limitWatch.stop();
     const [running, ...waiting] = this.#jobs;
     this.#jobs = [];
-    if (running !== undefined) running.end(this.#endOfRunning(running, code, signal));
+    if (running !== undefined) {
+      const end = { code, signal, killedFor: this.#killedFor, protocolProblem: this.#protocolProblem };
+      running.end(endAtExit(running, end, this.#timeoutOf(running)));
+    }
     if (waiting.length > 0) this.emit('returned', waiting);
     this.emit('exit', { code, signal, killedFor: this.#killedFor, wasUp, wasBusy: running !== undefined });
-  }
-
-  /** What became of the task that was running when its process ended. */
-  #endOfRunning(job: Job, code: number | null, signal: NodeJS.Signals | null): JobResult {
-    const durationMs = job.startedAt === 0 ? 0 : performance.now() - job.startedAt;
-    if (job.cancelled) return { outcome: 'cancelled', error: taskFailure.cancelled(true), durationMs };
-    if (job.timedOut)
-      return { outcome: 'timeout', error: taskFailure.timeout(this.#timeoutOf(job), false), durationMs };
-    if (this.#killedFor === 'shutdown')
-      return { outcome: 'returned', reason: 'still running at the shutdown deadline' };
-    if (this.#killedFor === 'protocol')
-      return {
-        outcome: 'crashed',
-        error: taskFailure.protocol(this.#protocolProblem ?? 'a malformed frame'),
-        durationMs,
-      };
-    // Killed for another task's timeout, whose result then turned up in the pipe: this
-    // one was not at fault, and goes back to the queue.
-    if (this.#killedFor !== undefined) return { outcome: 'returned', reason: 'its worker was stopped' };
-    const how = signal ?? `exit code ${code}`;
-    return {
-      outcome: 'crashed',
-      error: taskFailure.crashed(how),
-      durationMs,
-    };
   }
 }

@@ -3,9 +3,10 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import fc from 'fast-check';
+import { mayHoldMore } from '../../../src/pool/hold-rule.ts';
 import { Job, type JobResult } from '../../../src/pool/job.ts';
 import { Scheduler, type SchedulerSlot } from '../../../src/pool/scheduler.ts';
-import { mayHoldMore, type SlotState } from '../../../src/pool/slot.ts';
+import type { SlotState } from '../../../src/pool/slot.ts';
 import { taskRequest } from '../../support/task-request.ts';
 
 class FakeSlot implements SchedulerSlot {
