@@ -12,7 +12,7 @@
 //   policy and the global value alike;
 // - RabbitMQ 4.3 has consumer timeouts on quorum queues only, and refuses the argument on a
 //   classic queue (which no longer times out): there neither is sent;
-// - 3.10 ignores both: there the closure is recognised and the fix said once (consumer.ts).
+// - 3.10 ignores both: there the closure is recognised and the fix said once (timeout-notices.ts).
 
 /** RabbitMQ's default consumer_timeout. */
 export const BROKER_DEFAULT_CONSUMER_TIMEOUT_MS = 30 * 60_000;

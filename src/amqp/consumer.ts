@@ -17,16 +17,11 @@ import type { Logger } from 'pino';
 import { ServiceError } from '../errors.ts';
 import { backoffDelay } from '../util/backoff.ts';
 import { AddressList, type BrokerConnection, isLoginRefused, openConnection, userOf } from './connection.ts';
-import {
-  BROKER_DEFAULT_CONSUMER_TIMEOUT_MS,
-  consumerTimeoutPolicyCommand,
-  honoursConsumerTimeout,
-  isConsumerTimeoutClose,
-  sendsConsumerTimeout,
-} from './consumer-timeout.ts';
+import { isConsumerTimeoutClose, sendsConsumerTimeout } from './consumer-timeout.ts';
 import { ackFlushThreshold } from './prefetch.ts';
 import { ConsumerSession } from './session.ts';
-import { type ConsumerTimeoutDeclared, declareTopology, type Topology } from './topology.ts';
+import { TimeoutNotices } from './timeout-notices.ts';
+import { declareTopology, type Topology } from './topology.ts';
 import { redactUrl } from './url.ts';
 
 /** A session that ended, as the owner of its deliveries hears of it. */
@@ -88,14 +83,11 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   #attempting: string | undefined;
   /** Logins refused in a row (see #loginRefused). */
   #refusals = 0;
-  #warnedVersion: string | undefined;
   /** The broker refused x-consumer-timeout on this queue: consume without it from now on. */
   #timeoutRefused = false;
-  /** Said once: the queue keeps the x-consumer-timeout it was declared with. */
-  #saidTimeoutKept = false;
+  readonly #timeoutNotices: TimeoutNotices;
   /** Aborted when stopping: a connect in progress is given up at once. */
   readonly #stop = new AbortController();
-  #saidConsumerTimeout = false;
   /** Consuming is paused (the master holds too much): sessions keep their channel but no consumer. */
   #paused = false;
 
@@ -105,6 +97,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#prefetch = opts.prefetch;
     this.#addresses = opts.addresses ?? new AddressList(opts.urls);
     this.#log = opts.logger.child({ component: 'consumer' });
+    this.#timeoutNotices = new TimeoutNotices(this.#log, opts.topology);
   }
 
   get state(): ConsumerState {
@@ -359,7 +352,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       }
       const channel = await connection.step('opening a channel', () => connection.model.createChannel());
       channel.on('error', (err) => {
-        if (isConsumerTimeoutClose(String((err as Error).message))) this.#consumerTimedOut(err);
+        if (isConsumerTimeoutClose(String((err as Error).message))) this.#timeoutNotices.timedOut(err);
         else this.#log.warn({ err }, 'channel closed by an error');
       });
       channel.on('close', () => {
@@ -373,7 +366,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
           openChannel: () => connection.model.createChannel(),
         }),
       );
-      this.#sayTimeoutKept(declared);
+      this.#timeoutNotices.declared(declared);
       await connection.step('setting the prefetch', () => channel.prefetch(this.#prefetch));
       if (this.#stopping) {
         await connection.close();
@@ -412,7 +405,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     }
     this.#refusals = 0;
     this.#setState('consuming');
-    this.#warnIfTimeoutIgnored(connection);
+    this.#timeoutNotices.connected(connection);
     this.#log.info(
       { queue: this.#opts.topology.queue, prefetch: this.#prefetch, broker: connection.address },
       'consuming',
@@ -458,68 +451,6 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#log.error({ broker: redactUrl(url), err }, message);
   }
 
-  /**
-   * The broker's consumer timeout closed the channel while a delivery was still held: its
-   * messages come back while their tasks run (they are adopted, not run again: see the
-   * dispatcher). Said once, as an error, with the value the queue needs and the command.
-   */
-  #consumerTimedOut(err: unknown): void {
-    if (this.#saidConsumerTimeout) return;
-    this.#saidConsumerTimeout = true;
-    const needed = this.#opts.topology.consumerTimeoutMs ?? BROKER_DEFAULT_CONSUMER_TIMEOUT_MS;
-    const queue = this.#opts.topology.queue;
-    this.#log.error(
-      { err, queue, neededMs: needed, fix: consumerTimeoutPolicyCommand(queue, needed) },
-      `the broker's consumer timeout closed the channel while a task ran: give queue ${queue} a consumer timeout of at least ${needed} ms (the policy command is in "fix"), or raise consumer_timeout in rabbitmq.conf`,
-    );
-  }
-
-  /**
-   * The work queue was declared before with another x-consumer-timeout, or none (an
-   * earlier --worker-timeout, an older version of the service): RabbitMQ never changes a
-   * queue's arguments. The one on basic.consume beats it, so this is said once, as news.
-   */
-  #sayTimeoutKept(declared: ConsumerTimeoutDeclared): void {
-    if (declared !== 'kept' || this.#saidTimeoutKept) return;
-    this.#saidTimeoutKept = true;
-    const { queue, consumerTimeoutMs } = this.#opts.topology;
-    this.#log.info(
-      { queue, consumerTimeoutMs },
-      'the queue keeps the x-consumer-timeout it was declared with (a queue never changes its arguments); this consumer asks for consumerTimeoutMs on basic.consume, which takes precedence',
-    );
-  }
-
-  /** A broker older than 3.11.15 ignores x-consumer-timeout: say so (see #warnTimeout). */
-  #warnIfTimeoutIgnored(connection: BrokerConnection): void {
-    if (!honoursConsumerTimeout(connection.serverVersion))
-      this.#warnTimeout(connection, 'ignores x-consumer-timeout');
-  }
-
-  /**
-   * The broker will not take our consumer timeout: if the one we need is past its
-   * default, say so once per broker version, with both values and what to set.
-   */
-  #warnTimeout(connection: BrokerConnection, why: string): void {
-    const wanted = this.#opts.topology.consumerTimeoutMs;
-    const version = connection.serverVersion;
-    if (
-      wanted === undefined ||
-      wanted <= BROKER_DEFAULT_CONSUMER_TIMEOUT_MS ||
-      this.#warnedVersion === version
-    )
-      return;
-    this.#warnedVersion = version;
-    this.#log.warn(
-      {
-        broker: version,
-        neededMs: wanted,
-        brokerDefaultMs: BROKER_DEFAULT_CONSUMER_TIMEOUT_MS,
-        queue: this.#opts.topology.queue,
-      },
-      `this RabbitMQ ${why}: give the queue a policy with consumer-timeout, or set consumer_timeout in rabbitmq.conf, of at least neededMs; else a delivery held that long is redelivered while it runs`,
-    );
-  }
-
   /** Starts a consumer on the queue; its deliveries carry `session`, the one that may settle them. */
   async #consume(session: ConsumerSession): Promise<string> {
     const { consumerTimeoutMs, queueType } = this.#opts.topology;
@@ -534,7 +465,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       // arg"): that closed the channel; the next session consumes without it.
       if (timeoutMs !== undefined && /x-consumer-timeout/.test((err as Error).message)) {
         this.#timeoutRefused = true;
-        this.#warnTimeout(session.connection, 'refuses x-consumer-timeout on this queue');
+        this.#timeoutNotices.notTaken(session.connection, 'refuses x-consumer-timeout on this queue');
       }
       throw err;
     }
