@@ -95,7 +95,12 @@ export class TaskCallError extends Error {
 
 export type ClientErrorCode = Extract<
   ErrorCode,
-  'ERR_CALL_TIMEOUT' | 'ERR_UNROUTABLE' | 'ERR_NOT_CONFIRMED' | 'ERR_CLIENT_CLOSED' | 'ERR_BAD_REPLY'
+  | 'ERR_CALL_TIMEOUT'
+  | 'ERR_UNROUTABLE'
+  | 'ERR_NOT_CONFIRMED'
+  | 'ERR_CLIENT_CLOSED'
+  | 'ERR_BAD_REPLY'
+  | 'ERR_PUBLISH_REFUSED'
 >;
 
 /** What went wrong on the client's side, rather than in the task. */

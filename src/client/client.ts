@@ -111,8 +111,13 @@ export class Client<T extends TaskModule = AnyTasks> {
   readonly #channel: ConfirmChannel;
   /** Calls waiting for their reply, by correlation id. */
   readonly #pending = new Map<string, Settle>();
-  /** Message ids the broker returned as unroutable; their confirm follows the return. */
-  readonly #returned = new Set<string>();
+  /**
+   * Message ids the broker returned as unroutable, counted (a batch may repeat an id);
+   * the confirm of each follows its return.
+   */
+  readonly #returned = new Map<string, number>();
+  /** sendMany calls waiting for the channel's buffer to drain (or for it to close). */
+  readonly #drainWaiters = new Set<() => void>();
   #replies: Promise<unknown> | undefined;
   /** Set once the client can no longer publish: why. */
   #closed: ClientError | undefined;
@@ -135,8 +140,16 @@ export class Client<T extends TaskModule = AnyTasks> {
     };
     connection.on('close', lost('connection'));
     channel.on('close', lost('channel'));
+    // One listener for every sendMany waiting: a close wakes them too, since a buffer
+    // that never drains must not hold a batch forever.
+    const wakeDrainWaiters = () => {
+      for (const wake of [...this.#drainWaiters]) wake();
+    };
+    channel.on('drain', wakeDrainWaiters);
+    channel.on('close', wakeDrainWaiters);
     channel.on('return', (m: ConsumeMessage) => {
-      if (typeof m.properties.messageId === 'string') this.#returned.add(m.properties.messageId);
+      const id = m.properties.messageId;
+      if (typeof id === 'string') this.#returned.set(id, (this.#returned.get(id) ?? 0) + 1);
     });
   }
 
@@ -156,12 +169,13 @@ export class Client<T extends TaskModule = AnyTasks> {
 
   /**
    * Publishes the tasks in their order and resolves with their message ids, in the same
-   * order, once the broker has confirmed every one. Every task is checked before the first
-   * is sent: a bad option throws and sends nothing. When the broker refuses one (or the
-   * connection goes), nothing more is sent; once the messages already out are answered,
-   * it rejects with a SendManyError that says which were confirmed.
+   * order, once the broker has confirmed every one. Every task's options are checked
+   * before the first is sent: a bad one throws and sends nothing. When the broker refuses
+   * one (or the connection goes), nothing more is sent; once the messages already out are
+   * answered, it rejects with a SendManyError that says which were confirmed.
    */
   async sendMany(tasks: readonly TaskItem<T>[], options: SendManyOptions = {}): Promise<string[]> {
+    if (this.#closed !== undefined) throw this.#closed;
     const window = options.window ?? DEFAULT_WINDOW;
     if (!Number.isSafeInteger(window) || window < 1)
       throw new RangeError(`window must be a whole number of 1 or more (got ${window})`);
@@ -184,13 +198,13 @@ export class Client<T extends TaskModule = AnyTasks> {
       wake = undefined;
       resolve?.();
     };
-    // The channel emits 'drain' once its buffer has room again. A close ends any wait
-    // too: it fails the confirms still out, and there is always one out while full.
+    // Woken when the channel's buffer has room again, or when it closes (the next publish
+    // then fails at once, and the batch ends).
     const drained = () => {
       full = false;
       wakeUp();
     };
-    this.#channel.on('drain', drained);
+    this.#drainWaiters.add(drained);
     try {
       for (let i = 0; i < messages.length; i++) {
         while ((unconfirmed >= window || full) && failure === undefined) await wait();
@@ -205,7 +219,7 @@ export class Client<T extends TaskModule = AnyTasks> {
       }
       while (unconfirmed > 0) await wait();
     } finally {
-      this.#channel.off('drain', drained);
+      this.#drainWaiters.delete(drained);
     }
     const messageIds = messages.map((m) => m.messageId);
     if (failure !== undefined) throw new SendManyError(failure, messageIds, confirmed);
@@ -220,6 +234,9 @@ export class Client<T extends TaskModule = AnyTasks> {
     options: SendOptions,
   ): Outgoing {
     const messageId = options.messageId ?? randomUUID();
+    // AMQP's short string: amqplib would throw while sending, after the batch has begun.
+    if (typeof messageId !== 'string' || Buffer.byteLength(messageId) > 255)
+      throw new RangeError('messageId must be a string of at most 255 bytes');
     const body = JSON.stringify(kwargs === undefined ? { func, args } : { func, args, kwargs });
     const properties: Options.Publish = {
       persistent: true,
@@ -256,15 +273,19 @@ export class Client<T extends TaskModule = AnyTasks> {
    * wait for its 'drain' before publishing more.
    */
   #publish(message: Outgoing, done: (err?: ClientError) => void): boolean {
+    // A message that cannot go out fails at once, before this returns: sendMany then
+    // sends nothing after it.
     if (this.#closed !== undefined) {
-      const closed = this.#closed;
-      queueMicrotask(() => done(closed));
+      done(this.#closed);
       return true;
     }
     const { messageId, content, properties } = message;
     const confirmed = (err: unknown) => {
       // The broker sends basic.return before the ack of the same message.
-      if (this.#returned.delete(messageId)) {
+      const returned = this.#returned.get(messageId) ?? 0;
+      if (returned > 0) {
+        if (returned === 1) this.#returned.delete(messageId);
+        else this.#returned.set(messageId, returned - 1);
         done(
           new ClientError(
             'ERR_UNROUTABLE',
@@ -272,7 +293,8 @@ export class Client<T extends TaskModule = AnyTasks> {
           ),
         );
       } else if (err && this.#closed !== undefined) {
-        // Closed by close() (or by a loss already heard of) before the confirm came.
+        // close() came before the confirm. (A loss fails the confirms before the client
+        // hears of it: those say ERR_NOT_CONFIRMED, with the broker's reason.)
         done(new ClientError(this.#closed.code, this.#closed.message, { cause: err }));
       } else if (err) {
         const cause = this.#lastError ?? err;
@@ -285,10 +307,16 @@ export class Client<T extends TaskModule = AnyTasks> {
     try {
       return this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
     } catch (err) {
-      // amqplib throws at once on a channel that has closed.
-      const closed =
-        this.#closed ?? new ClientError('ERR_CLIENT_CLOSED', 'the channel is closed', { cause: err });
-      queueMicrotask(() => done(closed));
+      // amqplib throws at once on a channel that has closed, and on a message it cannot
+      // encode (a header table too large for a frame, a value it cannot write).
+      const why =
+        this.#closed ??
+        (err instanceof Error && /closed/i.test(err.message)
+          ? new ClientError('ERR_CLIENT_CLOSED', 'the channel is closed', { cause: err })
+          : new ClientError('ERR_PUBLISH_REFUSED', `the message cannot be sent: ${String(err)}`, {
+              cause: err,
+            }));
+      done(why);
       return true;
     }
   }

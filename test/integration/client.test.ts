@@ -194,7 +194,7 @@ test('send to a routing key no queue is bound to rejects with ERR_UNROUTABLE ins
   assert.equal(await b.count(queue), 1);
 });
 
-test('sendMany: 5,000 tasks in one pipelined batch, confirmed, in the queue in their order with their own options', async (t) => {
+test('sendMany: 5,000 tasks in one batch, confirmed, in the queue in their order with their own options', async (t) => {
   const b = await broker(t);
   const { exchange, queue } = await quietQueue(t, b);
   const c = await client(t, exchange);
@@ -257,7 +257,8 @@ test('sendMany that the broker refuses, or that a close cuts short: a SendManyEr
   assert.match(cut.message, /tasks were not confirmed: the client is closed$/);
   const confirmed = cut.messageIds.filter((_, i) => cut.confirmed[i]);
   const arrived = new Set((await b.take(queue, confirmed.length)).map((m) => String(m.properties.messageId)));
-  assert.ok(confirmed.length >= 1_000 && confirmed.length < 50_000, `${confirmed.length} confirmed`);
+  // A thousand in the queue: at least that many less the window were confirmed before the close.
+  assert.ok(confirmed.length >= 950 && confirmed.length < 50_000, `${confirmed.length} confirmed`);
   for (const id of confirmed) assert.ok(arrived.has(id), `${id} was confirmed, and is not in the queue`);
   // Nothing after the cut was sent: what arrived is at most the confirmed and the window still out.
   assert.ok(

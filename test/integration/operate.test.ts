@@ -71,7 +71,7 @@ test('a long task does not hold back the acks of the short ones after it: the wi
   const b = await broker(t);
   // A window of 4: were the acks above the long task held until it ends, the short ones
   // after it would stop at three.
-  const service = await startService(t, b, testConfig(t, { workers: 2, prefetch: 4 }));
+  const service = await startService(t, b, testConfig(t, { workers: 2, prefetch: 4, workerTimeout: 60 }));
   const q = service.config.queue;
   const replies = await b.channel.assertQueue('', { exclusive: true });
   // The long task runs until the test opens its gate: however slow the machine, the short
