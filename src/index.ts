@@ -1,19 +1,18 @@
 // The package's public face for task modules and programs that embed the service.
 
-export {
-  type AnyTasks,
-  type CallOptions,
-  Client,
-  type ClientOptions,
-  createClient,
-  type SendManyOptions,
-  type SendOptions,
-  type TaskArgs,
-  type TaskItem,
-  type TaskModule,
-  type TaskName,
-  type TaskResult,
-} from './client/client.ts';
+export { Client, createClient } from './client/client.ts';
+export type {
+  AnyTasks,
+  CallOptions,
+  ClientOptions,
+  SendManyOptions,
+  SendOptions,
+  TaskArgs,
+  TaskItem,
+  TaskModule,
+  TaskName,
+  TaskResult,
+} from './client/types.ts';
 export type { Config } from './config/options.ts';
 export { parseConfig } from './config/options.ts';
 export {

@@ -5,7 +5,8 @@ import assert from 'node:assert/strict';
 import { EventEmitter } from 'node:events';
 import { test } from 'node:test';
 import type { ChannelModel, ConfirmChannel } from 'amqplib';
-import { Client, type TaskItem } from '../../../src/client/client.ts';
+import { Client } from '../../../src/client/client.ts';
+import type { TaskItem } from '../../../src/client/types.ts';
 import { ClientError, SendManyError } from '../../../src/errors.ts';
 
 type Confirm = (err: unknown) => void;
