@@ -9,7 +9,7 @@
 // broker never dead-letters the message that runs. Runs on every version in
 // `npm run test:versions`.
 import assert from 'node:assert/strict';
-import { type TestContext, test } from 'node:test';
+import { after, before, describe, type TestContext, test } from 'node:test';
 import {
   faultsUnavailable,
   queueArguments,
@@ -25,8 +25,6 @@ const BROKER_TIMEOUT_MS = 3_000;
 const TASK_MS = 12_000;
 
 async function oneLongTask(t: TestContext, queueType: 'classic' | 'quorum', withId: boolean): Promise<void> {
-  const restore = await setGlobalConsumerTimeout(BROKER_TIMEOUT_MS);
-  t.after(restore);
   const queue = freshName(t);
   const path = runsFile(t);
   const extra = ['--workers', '1', '--worker-timeout', '30', '--queue-type', queueType];
@@ -79,14 +77,19 @@ async function oneLongTask(t: TestContext, queueType: 'classic' | 'quorum', with
   }
 }
 
-test(
-  'the broker timeout below the task time, classic queue, no message id: one run, one outcome',
-  { skip },
-  (t) => oneLongTask(t, 'classic', false),
-);
+// The two cases run side by side (each waits out its 12 s task), under one setting of the
+// broker's global timeout: set before both and restored after both, as one test each
+// setting and restoring it would restore the other's value.
+describe('the broker timeout below the task time', { skip, concurrency: true }, () => {
+  let restore: (() => Promise<void>) | undefined;
+  before(async () => {
+    restore = await setGlobalConsumerTimeout(BROKER_TIMEOUT_MS);
+  });
+  after(() => restore?.());
 
-test(
-  'the broker timeout below the task time, quorum queue with a delivery limit of 2: one run, never also dead-lettered',
-  { skip },
-  (t) => oneLongTask(t, 'quorum', true),
-);
+  test('the broker timeout below the task time, classic queue, no message id: one run, one outcome', (t) =>
+    oneLongTask(t, 'classic', false));
+
+  test('the broker timeout below the task time, quorum queue with a delivery limit of 2: one run, never also dead-lettered', (t) =>
+    oneLongTask(t, 'quorum', true));
+});
