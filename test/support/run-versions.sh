@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the integration and end-to-end suites against each RabbitMQ version in turn (default:
-# 3.10 4.0 4.3; or the versions given as arguments), one suite at a time, each run named in
+# 3.10 4.0 4.3; or the versions given as arguments; or side by side, below), each run named in
 # the output, and a summary at the end. Exits 1 when any run failed; every run goes ahead
 # regardless.
 #
@@ -12,50 +12,96 @@
 # version's broker and no other. The kit (../shared/rabbitmq-versions beside the clone, or
 # RABBITMQ_VERSIONS_KIT) must have started the 4.x brokers: `setup all`, `start 4.0`,
 # `start 4.3`. This script starts nothing.
+#
+# --side-by-side runs the versions at once, each in a lane of its own that runs its two
+# suites in turn, and prints each lane's output when it ends. The suites spend most of
+# their time waiting (on a silence, a task's time limit, a broker coming back): on two
+# cores the integration suite keeps about a third of one busy, end-to-end two thirds. So
+# the lanes take the suites in opposite orders, to overlap the lighter with the heavier.
+# Each lane has its own broker, rabbitmqctl and queues, and no test uses a fixed port.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
 KIT=${RABBITMQ_VERSIONS_KIT:-$PWD/../shared/rabbitmq-versions}
-SUITES=(integration e2e)
+SIDE_BY_SIDE=
+if [ "${1:-}" = --side-by-side ]; then SIDE_BY_SIDE=1; shift; fi
 if [ "$#" -gt 0 ]; then VERSIONS=("$@"); else VERSIONS=(3.10 4.0 4.3); fi
 
-declare -a summary=()
-failed=0
-
-for version in "${VERSIONS[@]}"; do
-  case "$version" in
-    3.10) port=5672 path=$PATH ;;
-    4.0) port=5673 path=$KIT/bin/4.0:$PATH ;;
-    4.3) port=5675 path=$KIT/bin/4.3:$PATH ;;
-    *) echo "run-versions: unknown version $version (3.10, 4.0 or 4.3)" >&2; exit 2 ;;
+port_of() {
+  case "$1" in
+    3.10) echo 5672 ;;
+    4.0) echo 5673 ;;
+    4.3) echo 5675 ;;
   esac
+}
+for version in "${VERSIONS[@]}"; do
+  if [ -z "$(port_of "$version")" ]; then
+    echo "run-versions: unknown version $version (3.10, 4.0 or 4.3)" >&2
+    exit 2
+  fi
   if [ "$version" != 3.10 ] && [ ! -x "$KIT/bin/$version/rabbitmqctl" ]; then
     echo "run-versions: no kit at $KIT (set RABBITMQ_VERSIONS_KIT)" >&2
     exit 2
   fi
+done
+
+# One version: its suites in the order given, each named in the output; one summary line
+# per suite on fd 9 (closed for the suites). Returns 1 when any failed.
+run_version() {
+  local version=$1 port path actual url suite start result failed=0
+  shift
+  port=$(port_of "$version")
+  path=$PATH
+  [ "$version" = 3.10 ] || path=$KIT/bin/$version:$PATH
   url=amqp://testuser:testuser@127.0.0.1:$port/
   if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     printf '\n== RabbitMQ %s: nothing listens on 127.0.0.1:%s\n' "$version" "$port"
     [ "$version" = 3.10 ] || echo "   start it with: $KIT/start $version"
-    for suite in "${SUITES[@]}"; do summary+=("RabbitMQ $version  $suite  NOT RUN (no broker)"); done
-    failed=1
-    continue
+    for suite in "$@"; do echo "RabbitMQ $version  $suite  NOT RUN (no broker)" >&9; done
+    return 1
   fi
   actual=$(PATH=$path rabbitmqctl version 2>/dev/null || echo '?')
-  for suite in "${SUITES[@]}"; do
+  for suite in "$@"; do
     printf '\n== RabbitMQ %s (%s, AMQP_URL %s, rabbitmqctl %s): %s\n' \
       "$version" "$actual" "$url" "$(PATH=$path command -v rabbitmqctl || echo none)" "$suite"
     start=$SECONDS
-    if PATH=$path AMQP_URL=$url npm run --silent "test:$suite"; then
+    if PATH=$path AMQP_URL=$url npm run --silent "test:$suite" 9>&-; then
       result=pass
     else
       result=FAIL
       failed=1
     fi
-    summary+=("RabbitMQ $version  $suite  $result  $((SECONDS - start)) s")
+    echo "RabbitMQ $version  $suite  $result  $((SECONDS - start)) s" >&9
   done
-done
+  return "$failed"
+}
+
+summary=$(mktemp)
+trap 'rm -f "$summary" "$summary".lane*' EXIT
+failed=0
+if [ -z "$SIDE_BY_SIDE" ]; then
+  for version in "${VERSIONS[@]}"; do
+    run_version "$version" integration e2e 9>>"$summary" || failed=1
+  done
+else
+  declare -a lanes=()
+  lane=0
+  for version in "${VERSIONS[@]}"; do
+    if [ $((lane % 2)) = 0 ]; then order=(integration e2e); else order=(e2e integration); fi
+    run_version "$version" "${order[@]}" >"$summary.lane$lane" 2>&1 9>>"$summary.lane$lane.summary" &
+    lanes+=("$!")
+    lane=$((lane + 1))
+  done
+  for i in "${!lanes[@]}"; do
+    wait "${lanes[$i]}" || failed=1
+  done
+  for i in "${!lanes[@]}"; do
+    printf '\n== lane %s (RabbitMQ %s): its output\n' "$i" "${VERSIONS[$i]}"
+    cat "$summary.lane$i"
+    cat "$summary.lane$i.summary" >>"$summary"
+  done
+fi
 
 printf '\n== RabbitMQ versions: summary\n'
-printf '%s\n' "${summary[@]}"
+cat "$summary"
 exit "$failed"
