@@ -13,7 +13,7 @@ export type {
   TaskName,
   TaskResult,
 } from './client/types.ts';
-export type { Config } from './config/options.ts';
+export type { Config } from './config/option-table.ts';
 export { parseConfig } from './config/options.ts';
 export {
   ClientError,

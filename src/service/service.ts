@@ -20,7 +20,7 @@ import { AmqpPublisher } from '../amqp/publisher.ts';
 import { ReplayJournal, replayJournalPath } from '../amqp/replay-journal.ts';
 import { deadLetterQueueName, retryDelays, type Topology } from '../amqp/topology.ts';
 import { redactUrl, splitUrls } from '../amqp/url.ts';
-import { type Config, WORKER_RSS_MB } from '../config/options.ts';
+import { type Config, WORKER_RSS_MB } from '../config/option-table.ts';
 import { CrashJournal } from '../dispatch/crash-journal.ts';
 import { Dispatcher } from '../dispatch/dispatcher.ts';
 import { ServiceError } from '../errors.ts';

@@ -11,7 +11,8 @@ import amqp, { type ChannelModel, type ConfirmChannel, type GetMessage, type Opt
 import pino from 'pino';
 import { controlExchangeName } from '../../src/amqp/control.ts';
 import { DELAY_STEPS_MS, delayQueueName } from '../../src/amqp/delay.ts';
-import { type Config, parseConfig } from '../../src/config/options.ts';
+import type { Config } from '../../src/config/option-table.ts';
+import { parseConfig } from '../../src/config/options.ts';
 import { Service } from '../../src/service/service.ts';
 import { resolveTaskModule } from '../../src/worker/task-module.ts';
 import { testBrokerUrl } from './broker-url.ts';

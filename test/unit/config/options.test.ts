@@ -3,14 +3,8 @@ import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { defaultPrefetch, MAX_PER_WORKER, MIN_PER_WORKER } from '../../../src/amqp/prefetch.ts';
 import { redactUrl, splitUrls } from '../../../src/amqp/url.ts';
-import {
-  ENV_ONLY,
-  helpText,
-  OPTIONS,
-  optionsMarkdown,
-  parseConfig,
-  shownDefault,
-} from '../../../src/config/options.ts';
+import { ENV_ONLY, OPTIONS } from '../../../src/config/option-table.ts';
+import { helpText, optionsMarkdown, parseConfig, shownDefault } from '../../../src/config/options.ts';
 import type { ServiceError } from '../../../src/errors.ts';
 
 function config(argv: string[], env: Record<string, string> = {}) {
