@@ -1,23 +1,17 @@
 // The service whole: pool, consuming and publishing connections, dispatcher, metrics and
 // HTTP, built from a Config. It never touches `process`: the CLI owns signals and exit
 // codes, so tests can build and stop a service in-process.
-
-import { randomBytes } from 'node:crypto';
-import { hostname } from 'node:os';
 import { join } from 'node:path';
-import type { Channel } from 'amqplib';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
-import { AddressList, openFirst, userOf } from '../amqp/connection.ts';
+import { AddressList, userOf } from '../amqp/connection.ts';
 import { AmqpConsumer } from '../amqp/consumer.ts';
 import { neededConsumerTimeoutMs } from '../amqp/consumer-timeout.ts';
-import { type ControlOrder, controlExchangeName, listenForOrders, ORIGIN_HEADER } from '../amqp/control.ts';
-import { type DeadLetter, deadLetterPass, parseDeadFilter } from '../amqp/dead-letters.ts';
+import { listenForOrders } from '../amqp/control.ts';
 import { DEFAULT_URLS } from '../amqp/defaults.ts';
 import { AutoPrefetch, MAX_PER_WORKER, perWorkerShare, resizedPrefetch } from '../amqp/prefetch.ts';
 import { AmqpPublisher } from '../amqp/publisher.ts';
-import { ReplayJournal, replayJournalPath } from '../amqp/replay-journal.ts';
 import { deadLetterQueueName, retryDelays, type Topology } from '../amqp/topology.ts';
 import { redactUrl, splitUrls } from '../amqp/url.ts';
 import { type Config, WORKER_RSS_MB } from '../config/option-table.ts';
@@ -36,6 +30,9 @@ import { Pool } from '../pool/pool.ts';
 import type { TracingConfig } from '../telemetry/config.ts';
 import type { TaskTracer } from '../telemetry/task-tracer.ts';
 import { settlesWithin } from '../util/deadline.ts';
+import { deadOverHttp } from './dead-over-http.ts';
+import { healthReport } from './health.ts';
+import { Replicas } from './replicas.ts';
 
 export interface ServiceOptions {
   config: Config;
@@ -97,10 +94,9 @@ export class Service {
   readonly #declaringSteps = new Map<number, Promise<void>>();
   #tracer: TaskTracer | undefined;
   readonly #holds: { workerTimeout: number; killGrace: number; perWorker: number };
-  /** This replica, in the orders it sends other replicas and its answers to them. */
   /** Where a dead-letter pass over HTTP connects: the service's own addresses. */
   readonly #deadAddresses: AddressList;
-  readonly #origin = `${hostname()}:${process.pid}:${randomBytes(4).toString('hex')}`;
+  readonly #replicas: Replicas;
   #resolveEnded: (ending: ServiceExit) => void = () => {};
   /** Resolves when the service has stopped, by a drain or a fatal error. */
   readonly ended: Promise<ServiceExit>;
@@ -179,7 +175,7 @@ export class Service {
         listenForOrders(
           connection,
           config.queue,
-          (order, channel) => this.#onOrder(order, channel),
+          (order, channel) => this.#replicas.onOrder(order, channel),
           logger,
         ).catch((err: unknown) =>
           this.#log.warn(
@@ -218,6 +214,12 @@ export class Service {
       heldBytesBudget: config.maxHeldBytes,
       onPressure: (over) => (over ? this.consumer.pause() : this.consumer.resume()),
       renewAdopted: config.queueType === 'quorum' && config.deliveryLimit > 0,
+    });
+    this.#replicas = new Replicas({
+      queue: config.queue,
+      publisher: this.publisher,
+      cancelHere: (messageId) => this.dispatcher.cancel(messageId),
+      logger,
     });
     this.#autoPrefetch = config.prefetchAuto
       ? new AutoPrefetch({
@@ -319,44 +321,22 @@ export class Service {
     return typeof address === 'object' && address !== null ? address.port : this.config.httpPort;
   }
 
-  /**
-   * Readiness (README "HTTP"): ok while connected, consuming and able to run work. A worker
-   * being replaced (a timeout, a recycle, a reload) is normal operation, not a reason:
-   * only no worker up at all, or replacements that keep failing to start.
-   */
+  /** Readiness (README "HTTP"; the rules in health.ts). */
   health(): HealthReport {
-    const stats = this.pool.stats();
-    const up = stats.idle + stats.busy;
-    const report: HealthReport = {
-      status: 'ok',
-      amqp: {
-        connected: this.consumer.connected,
-        blocked: this.consumer.blocked || this.publisher.blocked,
-        paused: this.consumer.paused,
-        ...(this.consumer.broker === undefined ? {} : { broker: this.consumer.broker }),
+    const consumer = this.consumer;
+    return healthReport({
+      pool: this.pool.stats(),
+      consumer: {
+        state: consumer.state,
+        connected: consumer.connected,
+        blocked: consumer.blocked,
+        paused: consumer.paused,
+        ...(consumer.broker === undefined ? {} : { broker: consumer.broker }),
       },
-      workers: { desired: stats.desired, up, busy: stats.busy },
+      publisherBlocked: this.publisher.blocked,
       tasksInFlight: this.dispatcher.inFlight,
-    };
-    if (this.#draining !== undefined)
-      return { ...report, status: 'draining', reason: 'the service is shutting down' };
-    const state = this.consumer.state;
-    if (state === 'connecting')
-      return { ...report, status: 'connecting', reason: 'connecting to the broker' };
-    if (state !== 'consuming')
-      return { ...report, status: 'reconnecting', reason: 'the broker connection was lost' };
-    if (stats.bootFailures > 0) {
-      return {
-        ...report,
-        status: 'workers down',
-        reason: `workers failing to start (${stats.bootFailures} in a row); ${up} of ${stats.desired} up`,
-      };
-    }
-    // With one worker, its replacement (after a timeout or a recycle) leaves none up for a
-    // moment: a replacement on its way is normal operation, not a reason; none at all is.
-    if (up === 0 && stats.starting === 0)
-      return { ...report, status: 'workers down', reason: `no worker up (0 of ${stats.desired})` };
-    return report;
+      draining: this.#draining !== undefined,
+    });
   }
 
   status(): StatusReport {
@@ -411,87 +391,21 @@ export class Service {
     return declaring;
   }
 
-  /**
-   * Cancels a task by message id (DELETE /tasks/{id}): here, and on every other replica
-   * through the control exchange. What it found here is the answer.
-   */
+  /** Cancels a task by message id (DELETE /tasks/{id}): here and on every other replica. */
   cancel(messageId: string): CancelAnswer {
-    const result = this.dispatcher.cancel(messageId);
-    this.publisher
-      .publish(
-        controlExchangeName(this.config.queue),
-        '',
-        Buffer.from(JSON.stringify({ cancel: messageId })),
-        {
-          contentType: 'application/json',
-          headers: { [ORIGIN_HEADER]: this.#origin },
-        },
-      )
-      .catch((err: unknown) =>
-        this.#log.warn({ err, messageId }, 'the cancel could not be sent to the other replicas'),
-      );
-    return result;
+    return this.#replicas.cancel(messageId);
   }
 
-  /**
-   * One pass over the dead-letter queue for GET /dead and POST /dead/replay|purge, on a
-   * connection of its own (README "Dead letters"). At most 1,000 letters are answered.
-   */
-  async dead(action: 'list' | 'replay' | 'purge', raw: Record<string, unknown>): Promise<DeadAnswer> {
-    const filter = parseDeadFilter({
-      kind: raw.kind,
-      func: raw.func,
-      limit: raw.limit,
-      olderThan: raw.olderThan,
-    });
-    if (typeof filter === 'string')
-      throw new RangeError(filter.replace(/^--older-than/, 'olderThan').replace(/^--/, ''));
-    const flag = (value: unknown) => value === true || value === 'true';
-    const dryRun = action === 'replay' && flag(raw.dryRun);
-    filter.limit ??= action === 'list' || dryRun ? 100 : undefined;
-    const letters: DeadLetter[] = [];
-    const connection = await openFirst(this.#deadAddresses, {
-      purpose: 'client',
+  /** One pass over the dead-letter queue for GET /dead and POST /dead/replay|purge. */
+  dead(action: 'list' | 'replay' | 'purge', raw: Record<string, unknown>): Promise<DeadAnswer> {
+    return deadOverHttp(action, raw, {
+      addresses: this.#deadAddresses,
       connectTimeoutMs: this.config.connectTimeout * 1000,
+      queue: this.config.queue,
+      exchange: this.config.exchange,
+      stateDir: this.config.stateDir,
       logger: this.#log,
     });
-    try {
-      const summary = await deadLetterPass(connection, {
-        action,
-        deadLetterQueue: deadLetterQueueName(this.config.queue),
-        exchange: this.config.exchange,
-        workQueue: this.config.queue,
-        filter,
-        dryRun,
-        showBody: action === 'list' && flag(raw.showBody),
-        journal: new ReplayJournal(replayJournalPath(this.config.stateDir, this.config.queue)),
-        onMatch: (letter) => {
-          if (letters.length < 1_000) letters.push(letter);
-        },
-      });
-      this.#log.info(
-        { action, dryRun, ...summary, possibleDuplicates: summary.possibleDuplicates.length },
-        'dead letters over HTTP',
-      );
-      return { letters: letters as unknown as Record<string, unknown>[], ...summary };
-    } finally {
-      await connection.close().catch(() => {});
-    }
-  }
-
-  /** An order from the control exchange (amqp-concurrency cancel, or another replica's DELETE /tasks). */
-  #onOrder(order: ControlOrder, channel: Channel): void {
-    if (order.origin === this.#origin) return;
-    const result = this.dispatcher.cancel(order.cancel);
-    if (order.replyTo === undefined) return;
-    try {
-      channel.sendToQueue(order.replyTo, Buffer.from(JSON.stringify({ replica: this.#origin, result })), {
-        contentType: 'application/json',
-        ...(order.correlationId === undefined ? {} : { correlationId: order.correlationId }),
-      });
-    } catch (err) {
-      this.#log.warn({ err }, 'the answer to a cancel could not be sent');
-    }
   }
 
   /**
