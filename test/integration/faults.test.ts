@@ -11,6 +11,7 @@ import {
   broker,
   cliArgs,
   freshName,
+  gate,
   getJson,
   readyPort,
   spawnCli,
@@ -22,12 +23,25 @@ import { runCounts, runsFile } from '../support/load.ts';
 
 const skip = await faultsUnavailable(AMQP_URL);
 
-/** Publishes `n` record tasks with ids `m0..m{n-1}`, each replying to `replyTo`. */
-async function publishLoad(b: Broker, queue: string, path: string, n: number, replyTo: string, ms = 5) {
+/**
+ * Publishes `n` record tasks with ids `m0..m{n-1}`, each replying to `replyTo`. With a
+ * `gate`, those from `m{gatedFrom}` on wait at it before they record.
+ */
+async function publishLoad(
+  b: Broker,
+  queue: string,
+  path: string,
+  n: number,
+  replyTo: string,
+  ms = 5,
+  gated?: { gate: string; from: number },
+) {
   for (let i = 0; i < n; i++) {
     await b.send(
       queue,
-      { func: 'record', args: [path, `m${i}`, ms] },
+      gated !== undefined && i >= gated.from
+        ? { func: 'recordAtGate', args: [path, `m${i}`, gated.gate] }
+        : { func: 'record', args: [path, `m${i}`, ms] },
       { messageId: `m${i}`, replyTo, correlationId: `m${i}` },
     );
   }
@@ -138,13 +152,36 @@ test('a master killed with SIGKILL loses nothing: a new one runs what was not ac
   const path = runsFile(t);
   const replies = await b.channel.assertQueue('', { exclusive: true });
   const n = 200;
+  // The first 50 run; the rest wait at a gate, so the kill always finds 150 unfinished
+  // (two of them running, the others in the window or the queue), however slow the machine.
+  const later = gate(t);
   const first = spawnCli(t, cliArgs(queue, ['--workers', '2', '--prefetch', '50']));
   const port = await readyPort(first);
   await waitFor('the queue to exist', async () => (await getJson(port, '/health')).status === 200);
-  await publishLoad(b, queue, path, n, replies.queue, 10);
-  await waitFor('some progress', () => runCounts(path).size >= 50);
+  await publishLoad(b, queue, path, n, replies.queue, 10, { gate: later.path, from: 50 });
+  await waitFor('the first 50 run', () => runCounts(path).size === 50);
+  const workers = (await import('node:child_process'))
+    .execFileSync('ps', ['-o', 'pid=', '--ppid', String(first.child.pid)], { encoding: 'utf8' })
+    .trim()
+    .split(/\s+/)
+    .map(Number)
+    .filter((pid) => pid > 0);
+  assert.ok(workers.length >= 2, `the master's workers: ${workers}`);
   first.child.kill('SIGKILL');
   await first.exit;
+  // Its workers die with it (their watchdog sees the master gone): only then the gate
+  // opens, so that what they held can run only in the new master.
+  const alive = (pid: number) => {
+    try {
+      process.kill(pid, 0);
+      return true;
+    } catch {
+      return false;
+    }
+  };
+  await waitFor("the killed master's workers gone", () => !workers.some(alive));
+  assert.equal(runCounts(path).size, 50, 'none of the gated tasks ran before the kill');
+  later.open();
   const second = spawnCli(t, cliArgs(queue, ['--workers', '2']));
   await readyPort(second);
   await everyIdReplied(b, replies.queue, n);

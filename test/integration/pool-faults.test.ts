@@ -144,9 +144,17 @@ test('during a reload, a function only the new code exports goes only to new wor
   const dir = mkdtempSync(join(tmpdir(), 'reload-funcs-'));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   const module = join(dir, 'tasks.mjs');
-  const oldCode =
-    'export async function old(ms) { await new Promise((r) => setTimeout(r, ms)); return "old"; }';
+  // `old` waits until the file it is given exists: the test says when the busy old worker
+  // may finish, not the machine's speed.
+  const oldCode = [
+    "import { existsSync } from 'node:fs';",
+    'export async function old(gate) {',
+    '  while (!existsSync(gate)) await new Promise((r) => setTimeout(r, 20));',
+    '  return "old";',
+    '}',
+  ].join('\n');
   writeFileSync(module, oldCode);
+  const busyGate = join(dir, 'gate');
   const pool = new Pool({
     size: 3,
     moduleUrl: pathToFileURL(module).href,
@@ -155,9 +163,9 @@ test('during a reload, a function only the new code exports goes only to new wor
   });
   t.after(() => pool.close(0));
   await pool.start();
-  // One old worker busy for a while; the other two idle, and still there when the
-  // first new worker says ready.
-  const busy = pool.run(request('old', [800]));
+  // One old worker busy until the gate opens; the other two idle, and still there when
+  // the first new worker says ready.
+  const busy = pool.run(request('old', [busyGate]));
   writeFileSync(module, `${oldCode}\nexport function fresh() { return "new"; }`);
   const fresh: Promise<JobResult>[] = [];
   const onChange = () => {
@@ -171,7 +179,8 @@ test('during a reload, a function only the new code exports goes only to new wor
   pool.off('change', onChange);
   for (const ending of await Promise.all(fresh))
     assert.equal(ending.outcome, 'succeeded', JSON.stringify(ending));
-  await busy;
+  writeFileSync(busyGate, '');
+  assert.equal((await busy).outcome, 'succeeded');
   await reloading;
 });
 
