@@ -49,6 +49,8 @@ export interface WorkerStatus {
   /** How long the current task has run, when busy. */
   runningForMs: number | undefined;
   tasksDone: number;
+  /** The tasks handed to it: the running one, and those it holds to start next. */
+  held: number;
   /** Resident memory of the worker process, when known (read between tasks). */
   rssBytes: number | undefined;
 }
@@ -95,6 +97,8 @@ export class Pool extends EventEmitter<PoolEvents> {
   #limits: Readonly<Record<string, TaskLimits>> = {};
   #limitsAt = -1;
   readonly #funcLimits = new FuncLimits();
+  /** The drain has begun (stopStarting): no task starts any more. */
+  #stopped = false;
   #wake: NodeJS.Timeout | undefined;
   #wakeAt = Number.POSITIVE_INFINITY;
 
@@ -311,6 +315,7 @@ export class Pool extends EventEmitter<PoolEvents> {
         func: job?.request.func,
         runningForMs: job === undefined ? undefined : Math.round(now - job.startedAt),
         tasksDone: w.tasksDone,
+        held: w.held,
         rssBytes: w.rssBytes,
       };
     });
@@ -323,6 +328,17 @@ export class Pool extends EventEmitter<PoolEvents> {
   /** Rolls every worker onto the task module's current code (see Supervisor.reload). */
   reload(): Promise<void> {
     return this.#supervisor.reload();
+  }
+
+  /**
+   * The drain's first step, before consuming has stopped: from now no task starts. What a
+   * worker holds and has not started is asked back into the master's queue, and what
+   * arrives waits there; close() gives all of it back. Before, tasks kept starting while
+   * the consumer's cancel went to the broker and back, and ran instead of going back.
+   */
+  stopStarting(): void {
+    this.#stopped = true;
+    for (const w of this.#supervisor.workers) w.takeBack();
   }
 
   /**
@@ -340,7 +356,7 @@ export class Pool extends EventEmitter<PoolEvents> {
   }
 
   #dispatch(): void {
-    if (this.#supervisor.closing) return;
+    if (this.#supervisor.closing || this.#stopped) return;
     this.#scheduler.dispatch(this.#supervisor.workers);
   }
 }

@@ -464,6 +464,9 @@ export class Service {
     const deadline = performance.now() + graceMs;
     this.#log.info({ reason, shutdownTimeout: this.config.shutdownTimeout }, 'draining');
     this.#autoPrefetch?.stop();
+    // No task starts from here: the consumer's cancel takes a round trip to the broker (and
+    // longer when it is slow or gone), and what has not started must go back, not run.
+    this.pool.stopStarting();
     await this.consumer.cancel();
     const settled = this.dispatcher.drain();
     await this.pool.close(Math.max(0, deadline - performance.now()));

@@ -120,7 +120,10 @@ test('a queue declared otherwise ends start-up with exit 2 and a hint', async (t
 
 test('SIGTERM drains: running tasks finish and are acked, the rest go back, exit 0', async (t) => {
   const queue = freshName(t);
-  const { b, cli, port } = await startCliService(t, queue, ['--workers', '1', '--prefetch', '10']);
+  const token = 'drain-token';
+  const { b, cli, port } = await startCliService(t, queue, ['--workers', '1', '--prefetch', '10'], {
+    SHUTDOWN_TOKEN: token,
+  });
   const replies = await b.channel.assertQueue('', { exclusive: true });
   // The running task holds until the test opens its gate: the drain is a state the test
   // looks at, not a race against a task of fixed length.
@@ -140,6 +143,14 @@ test('SIGTERM drains: running tasks finish and are acked, the rest go back, exit
     return h.status === 503 ? h : undefined;
   });
   assert.equal(during.body.status, 'draining');
+  // The drain has asked the worker for the task it held next: it holds only the running one.
+  await waitFor('the held task asked back', async () => {
+    const res = await fetch(`http://127.0.0.1:${port}/status`, {
+      headers: { authorization: `Bearer ${token}` },
+    });
+    const status = (await res.json()) as { workers: { held: number }[] };
+    return status.workers[0]?.held === 1;
+  });
   running.open();
   const { code } = await cli.exit;
   assert.equal(code, 0);

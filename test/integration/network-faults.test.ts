@@ -13,13 +13,14 @@ import { proxyFor } from '../support/fault-proxy.ts';
 import {
   AMQP_URL,
   broker,
+  gate,
   ROOT,
   seriesValue,
   startService,
   testConfig,
   waitFor,
 } from '../support/helpers.ts';
-import { publishRecords, runsFile, tally } from '../support/load.ts';
+import { publishRecords, runCounts, runsFile, tally } from '../support/load.ts';
 
 const faultsOk = (await faultsUnavailable(AMQP_URL)) === undefined;
 
@@ -122,6 +123,41 @@ test('one of two broker addresses goes silent: the service moves on to the other
   // for a reconnect that tried the silent address first; the silent one never healed.
   assert.ok(recoveryMs < 15_000, `recovered after ${Math.round(recoveryMs)} ms`);
   assert.ok(duplicates <= 2, `${duplicates} duplicates`);
+});
+
+test('a drain while the broker is slow to answer starts nothing more: what had not started goes back', async (t) => {
+  const b = await broker(t);
+  const proxy = await proxyFor(t, AMQP_URL);
+  const path = runsFile(t);
+  const running = gate(t);
+  // A heartbeat far past the silence below: the drain, not a lost connection, is tested.
+  const config = testConfig(t, { amqpUrl: through(proxy, 20), workers: 1, prefetch: 10 });
+  const service = await startService(t, b, config);
+  const q = service.config.queue;
+  await b.send(q, { func: 'waitAtGate', args: [running.path] }, { messageId: 'running' });
+  for (let i = 0; i < 5; i++)
+    await b.send(q, { func: 'record', args: [path, `waiting-${i}`] }, { messageId: `waiting-${i}` });
+  await waitFor('one running, five waiting', () => {
+    const h = service.health();
+    return h.workers.busy === 1 && h.tasksInFlight === 6;
+  });
+  // The broker's answers stop reaching the service: the consumer's cancel waits for its
+  // reply. Meanwhile the running task ends; before, the five then started one by one.
+  proxy.silence('downstream');
+  const drained = service.drain('test');
+  // The task it held next came back to the master (a task that ends just as the drain
+  // begins may still start the next: the gate opens only after the drain has asked).
+  await waitFor('the worker to hold only its running task', () => service.pool.status()[0]?.held === 1);
+  running.open();
+  await waitFor('the running task to end', () => service.pool.stats().busy === 0);
+  proxy.heal();
+  assert.equal((await drained).code, 0);
+  assert.deepEqual([...runCounts(path).keys()], [], 'none of the five ran');
+  const back = await b.take(q, 5);
+  assert.deepEqual(
+    back.map((m) => m.properties.messageId).sort(),
+    [0, 1, 2, 3, 4].map((i) => `waiting-${i}`),
+  );
 });
 
 test('a drain while a connect hangs ends within the shutdown timeout', async (t) => {

@@ -22,8 +22,24 @@ const health: HealthReport = {
 const report: StatusReport = {
   health,
   workers: [
-    { pid: 101, state: 'busy', func: 'add', runningForMs: 1500, tasksDone: 7, rssBytes: 50 * 2 ** 20 },
-    { pid: 102, state: 'idle', func: undefined, runningForMs: undefined, tasksDone: 3, rssBytes: undefined },
+    {
+      pid: 101,
+      state: 'busy',
+      func: 'add',
+      runningForMs: 1500,
+      tasksDone: 7,
+      held: 2,
+      rssBytes: 50 * 2 ** 20,
+    },
+    {
+      pid: 102,
+      state: 'idle',
+      func: undefined,
+      runningForMs: undefined,
+      tasksDone: 3,
+      held: 0,
+      rssBytes: undefined,
+    },
   ],
   queued: 4,
   prefetch: 64,
