@@ -1,7 +1,7 @@
 // One task as the pool carries it, from `run()` to its result. Its result is given
 // exactly once, whatever races between a result, a timeout, a kill, an exit and a drain:
 // `end` ignores every call after the first, so no path can settle a delivery twice.
-import type { SerializedError } from '../errors.ts';
+import { type SerializedError, taskFailure } from '../errors.ts';
 import type { RunTask } from '../ipc/protocol.ts';
 
 /** A task as the dispatcher asks for it: what the child runs, less the pool's own id. */
@@ -86,6 +86,17 @@ export class Job {
 
   giveBack(reason: string): void {
     this.end({ outcome: 'returned', reason });
+  }
+
+  /**
+   * Ends it unrun at the drain: `cancelled` when an operator cancelled it (its channel
+   * still open), else given back. A cancel that came during the drain must not turn into
+   * a requeue, or the task runs later elsewhere though its canceller was told otherwise.
+   */
+  endUnrun(reason: string): void {
+    if (this.cancelled && !this.abandoned)
+      this.end({ outcome: 'cancelled', error: taskFailure.cancelled(false), durationMs: 0 });
+    else this.giveBack(reason);
   }
 
   /** What its child is sent to run it; `ownTimeoutMs`: its function's own time limit, if it has one. */

@@ -130,7 +130,7 @@ export class Pool extends EventEmitter<PoolEvents> {
     supervisor.on('fatal', (err) => this.emit('fatal', err));
     supervisor.on('ran', (ms) => this.#scheduler.recordRun(ms));
     supervisor.on('returned', (jobs) => {
-      if (supervisor.closing) for (const job of jobs) job.giveBack('not started before shutdown');
+      if (supervisor.closing) for (const job of jobs) job.endUnrun('not started before shutdown');
       else this.#scheduler.requeue(jobs);
       this.#dispatch();
     });
@@ -350,7 +350,7 @@ export class Pool extends EventEmitter<PoolEvents> {
     this.#wake = undefined;
     const workers = this.#supervisor.workers;
     const closing = this.#supervisor.close(graceMs, () => [...workers].some((w) => w.held > 0));
-    this.#scheduler.giveBackAll('not started before shutdown');
+    this.#scheduler.endAllUnrun('not started before shutdown');
     for (const w of workers) w.takeBack();
     await closing;
   }

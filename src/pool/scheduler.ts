@@ -140,9 +140,9 @@ export class Scheduler {
     return jobs.length;
   }
 
-  /** Gives back every waiting task (the drain). */
-  giveBackAll(reason: string): void {
-    for (const job of this.#queue.splice(0)) job.giveBack(reason);
+  /** Ends every waiting task unrun (the drain): given back, or cancelled if an operator cancelled it. */
+  endAllUnrun(reason: string): void {
+    for (const job of this.#queue.splice(0)) job.endUnrun(reason);
   }
 
   /** Drops the waiting tasks whose delivery is abandoned (its channel closed); how many. */

@@ -107,9 +107,13 @@ test('one of two broker addresses goes silent: the service moves on to the other
   if (faultsOk) await waitFor('every ack at the broker', async () => (await unackedCount(q)) === 0);
   else await waitFor('a quiet link', () => silent.quietForMs > 200);
 
+  // The states the consumer goes through, not /health polled: the reconnect to the other
+  // address can be over between two polls.
+  const states: string[] = [];
+  service.consumer.on('state', (state) => states.push(state));
   silent.blackhole();
   const cutAt = performance.now();
-  await waitFor('the heartbeat to notice', () => service.health().status === 'reconnecting', 15_000);
+  await waitFor('the heartbeat to notice', () => states.includes('reconnecting'), 15_000);
   await publishRecords(b, q, path, 100, { from: 50, options: (i) => ({ messageId: `m${i}` }) });
   await waitFor('consuming again', () => service.health().status === 'ok', 30_000);
   const recoveryMs = performance.now() - cutAt;
@@ -125,12 +129,12 @@ test('one of two broker addresses goes silent: the service moves on to the other
   assert.ok(duplicates <= 2, `${duplicates} duplicates`);
 });
 
-test('a drain while the broker is slow to answer starts nothing more: what had not started goes back', async (t) => {
+test('a drain while the broker is slow to answer starts nothing more: what had not started goes back, a cancel meanwhile ends cancelled', async (t) => {
   const b = await broker(t);
   const proxy = await proxyFor(t, AMQP_URL);
   const path = runsFile(t);
   const running = gate(t);
-  // A heartbeat far past the silence below: the drain, not a lost connection, is tested.
+  // A heartbeat far past the slowness below: the drain, not a lost connection, is tested.
   const config = testConfig(t, { amqpUrl: through(proxy, 20), workers: 1, prefetch: 10 });
   const service = await startService(t, b, config);
   const q = service.config.queue;
@@ -141,10 +145,14 @@ test('a drain while the broker is slow to answer starts nothing more: what had n
     const h = service.health();
     return h.workers.busy === 1 && h.tasksInFlight === 6;
   });
-  // The broker's answers stop reaching the service: the consumer's cancel waits for its
-  // reply. Meanwhile the running task ends; before, the five then started one by one.
-  proxy.silence('downstream');
+  // The broker slow to answer (every byte held 400 ms each way, none lost): the consumer's
+  // cancel waits for its reply. Meanwhile the running task ends; before, the five then
+  // started one by one.
+  proxy.latency(400);
   const drained = service.drain('test');
+  // An operator's cancel during the drain, of the task the worker still holds next: it
+  // ends cancelled (dead-lettered as such), not given back to run elsewhere later.
+  assert.equal(service.cancel('waiting-0'), 'queued');
   // The task it held next came back to the master (a task that ends just as the drain
   // begins may still start the next: the gate opens only after the drain has asked).
   await waitFor('the worker to hold only its running task', () => service.pool.status()[0]?.held === 1);
@@ -153,10 +161,15 @@ test('a drain while the broker is slow to answer starts nothing more: what had n
   proxy.heal();
   assert.equal((await drained).code, 0);
   assert.deepEqual([...runCounts(path).keys()], [], 'none of the five ran');
-  const back = await b.take(q, 5);
+  const back = await b.take(q, 4);
   assert.deepEqual(
     back.map((m) => m.properties.messageId).sort(),
-    [0, 1, 2, 3, 4].map((i) => `waiting-${i}`),
+    [1, 2, 3, 4].map((i) => `waiting-${i}`),
+  );
+  const [cancelled] = await b.take(`${q}.dead`, 1);
+  assert.deepEqual(
+    [cancelled?.properties.messageId, cancelled?.properties.headers?.['x-error-kind']],
+    ['waiting-0', 'cancelled'],
   );
 });
 

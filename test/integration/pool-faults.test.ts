@@ -15,6 +15,7 @@ import {
   alive,
   broker,
   FIXTURE_TASKS,
+  gate,
   taskRequest as request,
   startService,
   testConfig,
@@ -158,7 +159,7 @@ test('during a reload, a function only the new code exports goes only to new wor
   const pool = new Pool({
     size: 3,
     moduleUrl: pathToFileURL(module).href,
-    taskTimeoutMs: 5_000,
+    taskTimeoutMs: 60_000, // the busy task waits at its gate while the new workers boot
     logger,
   });
   t.after(() => pool.close(0));
@@ -210,6 +211,38 @@ test('a child running a backlog of synchronous tasks hears a cancel: the drain t
   // Without a turn of its event loop between tasks, the child would run all 64 (1.3 s)
   // before it read the cancel.
   assert.ok(returned >= 32, `${returned} taken back`);
+});
+
+test('once a drain begins nothing starts, and a task cancelled meanwhile ends cancelled, not given back', async (t) => {
+  const running = gate(t);
+  const pool = new Pool({
+    size: 1,
+    moduleUrl: pathToFileURL(FIXTURE_TASKS).href,
+    taskTimeoutMs: 60_000,
+    logger,
+  });
+  t.after(() => pool.close(0));
+  await pool.start();
+  const cancelledRequest = request('add', [1, 2]);
+  // Asked for in one turn: handed over together, the worker holds the second behind the
+  // first (the third in the worker too, or in the master's queue).
+  const first = pool.run(request('waitAtGate', [running.path]));
+  const second = pool.run(cancelledRequest);
+  const third = pool.run(request('add', [3, 4]));
+  await waitFor('the second handed over', () => (pool.status()[0]?.held ?? 0) >= 2);
+  pool.stopStarting();
+  // Still held by the worker (the ask crosses the IPC channel): cancelled there.
+  assert.equal(
+    pool.cancel((r) => r === cancelledRequest),
+    'queued',
+  );
+  await waitFor('the worker to hold only its running task', () => pool.status()[0]?.held === 1);
+  running.open();
+  assert.equal((await first).outcome, 'succeeded');
+  assert.equal(pool.stats().queued, 2, 'the other two wait in the master, unstarted');
+  await pool.close(5_000);
+  assert.equal((await second).outcome, 'cancelled');
+  assert.equal((await third).outcome, 'returned');
 });
 
 test('readiness does not flap while the only worker is replaced after each task', async (t) => {
