@@ -14,7 +14,7 @@
 # `start 4.3`. This script starts nothing.
 #
 # --side-by-side runs the versions at once, each in a lane of its own that runs its two
-# suites in turn, and prints each lane's output when it ends. The suites spend most of
+# suites in turn, and prints each lane's output when it ends (in lane order). The suites spend most of
 # their time waiting (on a silence, a task's time limit, a broker coming back): on two
 # cores the integration suite keeps about a third of one busy, end-to-end two thirds. So
 # the lanes take the suites in opposite orders, to overlap the lighter with the heavier.
@@ -85,6 +85,9 @@ if [ -z "$SIDE_BY_SIDE" ]; then
   done
 else
   declare -a lanes=()
+  # Each lane in a process group of its own (job control), so that an interrupt can stop a
+  # lane with its npm and node processes, and nothing else.
+  set -m
   lane=0
   for version in "${VERSIONS[@]}"; do
     if [ $((lane % 2)) = 0 ]; then order=(integration e2e); else order=(e2e integration); fi
@@ -92,10 +95,10 @@ else
     lanes+=("$!")
     lane=$((lane + 1))
   done
+  # Interrupted (Ctrl-C, a CI timeout): what the lanes wrote so far, and the lanes stopped.
+  trap 'for f in "$summary".lane?; do cat "$f"; done; for pid in "${lanes[@]}"; do kill -- -"$pid" 2>/dev/null; done; exit 130' INT TERM
   for i in "${!lanes[@]}"; do
     wait "${lanes[$i]}" || failed=1
-  done
-  for i in "${!lanes[@]}"; do
     printf '\n== lane %s (RabbitMQ %s): its output\n' "$i" "${VERSIONS[$i]}"
     cat "$summary.lane$i"
     cat "$summary.lane$i.summary" >>"$summary"

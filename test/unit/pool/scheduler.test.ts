@@ -222,7 +222,7 @@ test('give-back takes the newest first; requeue puts tasks back at the front, in
   const b = new FakeSlot('b', ['f'], 1);
   s.dispatch([a, b]);
   assert.deepEqual([a.jobs[0], b.jobs[0]], back);
-  s.giveBackAll('drain');
+  s.endAllUnrun('drain');
   assert.equal(s.queued, 0);
   assert.equal(made[0]?.results[0]?.outcome, 'returned');
 });
