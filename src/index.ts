@@ -1,18 +1,8 @@
 // The package's public face for task modules and programs that embed the service.
 
 export { Client, createClient } from './client/client.ts';
-export type {
-  AnyTasks,
-  CallOptions,
-  ClientOptions,
-  SendManyOptions,
-  SendOptions,
-  TaskArgs,
-  TaskItem,
-  TaskModule,
-  TaskName,
-  TaskResult,
-} from './client/types.ts';
+// Every type of client/types.ts is public: the module holds only the producer's types.
+export type * from './client/types.ts';
 export type { Config } from './config/option-table.ts';
 export { parseConfig } from './config/options.ts';
 export {
