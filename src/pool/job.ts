@@ -94,9 +94,13 @@ export class Job {
    * a requeue, or the task runs later elsewhere though its canceller was told otherwise.
    */
   endUnrun(reason: string): void {
-    if (this.cancelled && !this.abandoned)
-      this.end({ outcome: 'cancelled', error: taskFailure.cancelled(false), durationMs: 0 });
+    if (this.cancelled && !this.abandoned) this.endCancelled();
     else this.giveBack(reason);
+  }
+
+  /** An operator cancelled it before it started: it ends `cancelled`, unrun. */
+  endCancelled(): void {
+    this.end({ outcome: 'cancelled', error: taskFailure.cancelled(false), durationMs: 0 });
   }
 
   /** What its child is sent to run it; `ownTimeoutMs`: its function's own time limit, if it has one. */

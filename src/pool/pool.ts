@@ -5,7 +5,7 @@
 // exactly once (pool-job.ts), whatever the workers do.
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
-import { type ServiceError, taskFailure } from '../errors.ts';
+import type { ServiceError } from '../errors.ts';
 import { formatRateLimit, type TaskLimits } from '../ipc/task-options.ts';
 import { FuncLimits, type LimitKind } from './func-limits.ts';
 import { Job, type JobResult, type TaskRequest } from './job.ts';
@@ -171,7 +171,7 @@ export class Pool extends EventEmitter<PoolEvents> {
     // Every match: two deliveries of one message (a producer that published again) both end.
     let found: 'running' | 'queued' | undefined;
     for (let waiting = this.#scheduler.remove((job) => match(job.request)); waiting !== undefined; ) {
-      waiting.end({ outcome: 'cancelled', error: taskFailure.cancelled(false), durationMs: 0 });
+      waiting.endCancelled();
       found = 'queued';
       waiting = this.#scheduler.remove((job) => match(job.request));
     }
@@ -351,7 +351,7 @@ export class Pool extends EventEmitter<PoolEvents> {
     const workers = this.#supervisor.workers;
     const closing = this.#supervisor.close(graceMs, () => [...workers].some((w) => w.held > 0));
     this.#scheduler.endAllUnrun('not started before shutdown');
-    for (const w of workers) w.takeBack();
+    this.stopStarting();
     await closing;
   }
 

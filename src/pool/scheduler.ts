@@ -14,7 +14,6 @@
 // Every message to a child is a write that wakes it, which for tiny tasks costs more than
 // the task; a deeper pipeline sends fewer, larger messages.
 
-import { taskFailure } from '../errors.ts';
 import type { FuncLimits, LimitKind } from './func-limits.ts';
 import { LONG_TASK_MS } from './hold-rule.ts';
 import type { Job } from './job.ts';
@@ -199,14 +198,10 @@ export class Scheduler {
     while (queue.length > 0) {
       // Look before taking: when nobody can take anything, the queue is left as it is.
       const job = queue[0] as Job;
-      if (job.abandoned) {
+      // Its channel closed (given back), or an operator cancelled it (ended cancelled).
+      if (job.abandoned || job.cancelled) {
         queue.shift();
-        job.giveBack('its channel closed before it started');
-        continue;
-      }
-      if (job.cancelled) {
-        queue.shift();
-        job.end({ outcome: 'cancelled', error: taskFailure.cancelled(false), durationMs: 0 });
+        job.endUnrun('its channel closed before it started');
         continue;
       }
       const func = job.request.func;
