@@ -2,13 +2,8 @@
 // What an operator does the morning after (README "Dead letters"): see what died and why,
 // replay it once the bug is fixed, purge what is hopeless. The work itself is
 // amqp/dead-letters.ts; this reads argv and prints.
-import {
-  type DeadAction,
-  type DeadFilter,
-  type DeadLetter,
-  deadLetterPass,
-  parseDeadFilter,
-} from '../amqp/dead-letters.ts';
+import { type DeadFilter, parseDeadFilter } from '../amqp/dead-filter.ts';
+import { type DeadAction, type DeadLetter, deadLetterPass } from '../amqp/dead-letters.ts';
 import { ReplayJournal, replayJournalPath } from '../amqp/replay-journal.ts';
 import { deadLetterQueueName } from '../amqp/topology.ts';
 import { parseConfig } from '../config/options.ts';

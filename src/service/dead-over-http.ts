@@ -4,7 +4,8 @@
 import type { Logger } from 'pino';
 import type { AddressList } from '../amqp/connection.ts';
 import { openFirst } from '../amqp/connection.ts';
-import { type DeadLetter, deadLetterPass, parseDeadFilter } from '../amqp/dead-letters.ts';
+import { parseDeadFilter } from '../amqp/dead-filter.ts';
+import { type DeadLetter, deadLetterPass } from '../amqp/dead-letters.ts';
 import { ReplayJournal, replayJournalPath } from '../amqp/replay-journal.ts';
 import { deadLetterQueueName } from '../amqp/topology.ts';
 import type { DeadAnswer } from '../http/server.ts';

@@ -4,13 +4,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { GetMessage } from 'amqplib';
 import { readOrder } from '../../../src/amqp/control.ts';
-import {
-  describeDeadLetter,
-  matches,
-  parseDeadFilter,
-  parseDuration,
-  replayCopy,
-} from '../../../src/amqp/dead-letters.ts';
+import { matches, parseDeadFilter, parseDuration } from '../../../src/amqp/dead-filter.ts';
+import { describeDeadLetter, replayCopy } from '../../../src/amqp/dead-letters.ts';
 
 function deadLetter(headers: Record<string, unknown>, properties: Record<string, unknown> = {}): GetMessage {
   return {
