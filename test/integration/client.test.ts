@@ -165,11 +165,17 @@ test('a call that nobody answers rejects with ERR_CALL_TIMEOUT; a late reply is 
   assert.equal(await second, 5);
 
   // Replies that are not the service's shape reject, rather than resolve with garbage.
-  const third = c.call('add', [0, 0], undefined, { timeoutMs: 10_000 });
+  // Its rejection is awaited before the reply goes: the reply can reach the client
+  // before the test's own publish is confirmed, and a rejection nobody awaits yet fails
+  // the test as unhandled.
+  const third = assert.rejects(
+    c.call('add', [0, 0], undefined, { timeoutMs: 10_000 }),
+    isCode('ERR_BAD_REPLY'),
+  );
   const [odd] = await b.take(queue, 1);
   assert.ok(odd !== undefined);
   await reply(b, odd, { result: 0 });
-  await assert.rejects(third, isCode('ERR_BAD_REPLY'));
+  await third;
 });
 
 test('send to a routing key no queue is bound to rejects with ERR_UNROUTABLE instead of a silent drop', async (t) => {
