@@ -158,9 +158,18 @@ export class AckFlusher {
       const holdEndsIn = held ? this.#lowest.since + ACK_HOLD_MS - performance.now() : 0;
       this.#flushWithin(Math.max(ACK_DELAY_MS, Math.ceil(holdEndsIn)));
     }
-    // amqplib reads only the delivery tag of the message it is given.
-    if (upTo !== undefined) this.#channel.ack({ fields: { deliveryTag: upTo } } as ConsumeMessage, true);
-    for (const tag of singles) this.#channel.ack({ fields: { deliveryTag: tag } } as ConsumeMessage, false);
+    try {
+      // amqplib reads only the delivery tag of the message it is given.
+      if (upTo !== undefined) this.#channel.ack({ fields: { deliveryTag: upTo } } as ConsumeMessage, true);
+      for (const tag of singles) this.#channel.ack({ fields: { deliveryTag: tag } } as ConsumeMessage, false);
+    } catch {
+      // amqplib refuses a write at once, by a throw, once the channel or its connection has
+      // begun to close: the session is ending, and a throw from this timer would end the
+      // process. What was not written is the broker's to redeliver (and the session reports
+      // it as uncertain): like a flusher stopped a moment later.
+      this.stop();
+      return;
+    }
     if (sent.length > 0 && this.#fence !== undefined) {
       for (const tag of sent) this.#unfenced.push(tag);
       this.#fenceSoon();

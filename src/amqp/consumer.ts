@@ -223,8 +223,15 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     if (!this.#isLive(delivery)) return false;
     const { session, message } = delivery;
     session.acks.settled(message.fields.deliveryTag);
-    if (counted) session.channel.reject(message, true);
-    else session.channel.nack(message, false, true);
+    try {
+      if (counted) session.channel.reject(message, true);
+      else session.channel.nack(message, false, true);
+    } catch {
+      // The channel or its connection has begun to close (amqplib refuses the write with a
+      // throw): the broker requeues the message when the close is done, and the session is
+      // dropped when it is.
+      return false;
+    }
     return true;
   }
 
@@ -479,6 +486,9 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
           // The broker cancelled us (the queue was deleted, a node went away, or from
           // RabbitMQ 4.3 a consumer_timeout on a quorum queue): set up again.
           this.#log.warn('the broker cancelled the consumer; setting up again');
+          // The session ends here, not when the close handshake does: amqplib refuses every
+          // ack and nack written meanwhile with a throw. Its deliveries are the broker's again.
+          this.#drop(session, true);
           void session.connection.close();
           return;
         }

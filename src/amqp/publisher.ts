@@ -152,9 +152,13 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
       try {
         session.channel.publish(exchange, routingKey, content, options, confirmed);
       } catch (err) {
-        // Not even written: amqplib could not encode it. It never will; nothing waits.
         session.pending.splice(session.pending.indexOf(entry), 1);
-        reject(new PublishRefusedError(`it cannot be encoded: ${(err as Error).message}`, { cause: err }));
+        // Not written because the channel or its connection has begun to close: a try
+        // that failed for now, like a lost connection (the next one goes on a new one).
+        if ((err as Error).name === 'IllegalOperationError') reject(err);
+        // Not even written: amqplib could not encode it. It never will; nothing waits.
+        else
+          reject(new PublishRefusedError(`it cannot be encoded: ${(err as Error).message}`, { cause: err }));
         return;
       }
       this.#watch(session);

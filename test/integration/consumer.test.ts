@@ -4,6 +4,7 @@ import { type TestContext, test } from 'node:test';
 import pino from 'pino';
 import { AddressList } from '../../src/amqp/connection.ts';
 import { AmqpConsumer, type ConsumerOptions, type Delivery } from '../../src/amqp/consumer.ts';
+import { proxyFor } from '../support/fault-proxy.ts';
 import { AMQP_URL, broker, freshName, waitFor } from '../support/helpers.ts';
 
 /**
@@ -95,6 +96,57 @@ for (const queueType of ['classic', 'quorum'] as const) {
     assert.equal(warned, /^3\.(10|11)\./.test(version));
   });
 }
+
+test("the queue deleted under the consumer: from the broker's cancel on, its deliveries are not settled (no throw), and it consumes again", async (t) => {
+  // Every write on a connection that has begun to close throws in amqplib. The close after
+  // the broker's cancel takes a round trip, held 200 ms each way by the proxy: acks and
+  // requeues made in it must be refused by the consumer, not thrown (a throw from the ack
+  // timer ended the process).
+  const proxy = await proxyFor(t, AMQP_URL);
+  const held: Delivery[] = [];
+  const inWindow: { acked?: boolean; requeued?: boolean; threw?: unknown } = {};
+  const logger = pino(
+    { level: 'warn' },
+    {
+      write: (line: string) => {
+        // The moment the consumer hears the cancel; the next turn is inside the close.
+        if (line.includes('the broker cancelled the consumer'))
+          setImmediate(() => {
+            try {
+              inWindow.acked = consumer.ack(held[0] as Delivery);
+              inWindow.requeued = consumer.requeue(held[1] as Delivery);
+            } catch (err) {
+              inWindow.threw = err;
+            }
+          });
+      },
+    },
+  );
+  const { b, queue, consumer } = await startConsumer(t, 'classic', {
+    urls: [proxy.url(AMQP_URL)],
+    logger,
+    onDelivery: (delivery) => held.push(delivery),
+  });
+  await waitFor('consuming', () => consumer.state === 'consuming');
+  for (let i = 0; i < 4; i++) await b.send(queue, { func: 'add', args: [i, 0] });
+  await waitFor('two deliveries', () => held.length === 2);
+  const states: string[] = [];
+  consumer.on('state', (state) => states.push(state));
+  proxy.latency(200);
+  await b.channel.deleteQueue(queue);
+  await waitFor('the consumer to act in the close', () => 'acked' in inWindow || 'threw' in inWindow);
+  assert.equal(inWindow.threw, undefined, 'no throw');
+  assert.deepEqual(inWindow, { acked: false, requeued: false }, 'neither settled on the closing session');
+  // Past the ack timer and the close: a throw from a timer would have failed the test by now.
+  proxy.latency(0);
+  await waitFor('a new session', () => states.join() === 'reconnecting,consuming', 30_000);
+  // The queue is declared again by the new session, and what is sent now is delivered.
+  await b.send(queue, { func: 'add', args: [9, 0] });
+  await waitFor('the new message', () => held.length === 3, 30_000);
+  assert.equal(consumer.ack(held[2] as Delivery), true);
+  // Before the proxy closes at teardown: a close through a dead link would wait its deadline.
+  await consumer.close();
+});
 
 test('a quorum queue declared before with another x-consumer-timeout is taken as it is, and said once', async (t) => {
   const b = await broker(t);
