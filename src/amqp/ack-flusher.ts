@@ -162,11 +162,13 @@ export class AckFlusher {
       // amqplib reads only the delivery tag of the message it is given.
       if (upTo !== undefined) this.#channel.ack({ fields: { deliveryTag: upTo } } as ConsumeMessage, true);
       for (const tag of singles) this.#channel.ack({ fields: { deliveryTag: tag } } as ConsumeMessage, false);
-    } catch {
+    } catch (err) {
       // amqplib refuses a write at once, by a throw, once the channel or its connection has
       // begun to close: the session is ending, and a throw from this timer would end the
       // process. What was not written is the broker's to redeliver (and the session reports
-      // it as uncertain): like a flusher stopped a moment later.
+      // it as uncertain): like a flusher stopped a moment later. Anything else is a defect
+      // and is not hidden.
+      if ((err as Error).name !== 'IllegalOperationError') throw err;
       this.stop();
       return;
     }

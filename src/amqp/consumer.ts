@@ -487,9 +487,15 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
           // RabbitMQ 4.3 a consumer_timeout on a quorum queue): set up again.
           this.#log.warn('the broker cancelled the consumer; setting up again');
           // The session ends here, not when the close handshake does: amqplib refuses every
-          // ack and nack written meanwhile with a throw. Its deliveries are the broker's again.
+          // ack and nack written meanwhile with a throw. The acks made so far go first, on
+          // the channel still open; the rest of its deliveries are the broker's again. The
+          // channel closes before the connection (see close()); its close handler closes
+          // the connection.
+          session.acks.flush();
           this.#drop(session, true);
-          void session.connection.close();
+          void session.connection
+            .step('closing the channel', () => session.channel.close())
+            .catch(() => session.connection.close());
           return;
         }
         session.acks.delivered(message.fields.deliveryTag);

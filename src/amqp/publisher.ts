@@ -111,7 +111,9 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
       } catch (err) {
         if (err instanceof UnroutableError || err instanceof PublishRefusedError) throw err;
         if (session !== undefined) blocked += session.connection.blockedMs - blockedAtStart;
-        if (session?.refused !== undefined && ++refusals >= 2)
+        // A try refused unwritten (the channel was closing after the refusal) is not a second refusal.
+        const unwritten = (err as Error).name === 'IllegalOperationError';
+        if (session?.refused !== undefined && !unwritten && ++refusals >= 2)
           throw new PublishRefusedError(`the broker refused it twice: ${session.refused.message}`, {
             cause: session.refused,
           });

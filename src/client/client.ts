@@ -250,11 +250,12 @@ export class Client<T extends TaskModule = AnyTasks> {
     try {
       return this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
     } catch (err) {
-      // amqplib throws at once on a channel that has closed, and on a message it cannot
-      // encode (a header table too large for a frame, a value it cannot write).
+      // amqplib throws at once on a channel that has closed or begun to close (its
+      // IllegalOperationError), and on a message it cannot encode (a header table too
+      // large for a frame, a value it cannot write).
       const why =
         this.#closed ??
-        (err instanceof Error && /closed/i.test(err.message)
+        ((err as Error).name === 'IllegalOperationError'
           ? new ClientError('ERR_CLIENT_CLOSED', 'the channel is closed', { cause: err })
           : new ClientError('ERR_PUBLISH_REFUSED', `the message cannot be sent: ${String(err)}`, {
               cause: err,

@@ -113,7 +113,8 @@ test('a channel that refuses the write (its connection closing) stops the flushe
   const ch = {
     ack: () => {
       tries++;
-      throw new Error('Connection closing');
+      // What amqplib throws on a channel whose connection has begun to close.
+      throw Object.assign(new Error('Connection closing'), { name: 'IllegalOperationError' });
     },
   } as unknown as Channel;
   const f = new AckFlusher(ch, 100);
