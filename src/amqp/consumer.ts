@@ -28,11 +28,18 @@ import { redactUrl } from './url.ts';
 export interface LostSession {
   session: ConsumerSession;
   /**
-   * Deliveries acked on it whose acks no fence proved to have arrived: the broker may
-   * give them again, and those must be acked without running again.
+   * Deliveries acked on it whose acks no fence proved to have arrived, as the owner's
+   * ackMemo kept them: the broker may give them again, and those must be acked without
+   * running again.
    */
-  uncertain: ConsumeMessage[];
+  uncertain: AckMemo[];
 }
+
+/**
+ * What a session keeps of a delivery it acked until a fence proves the ack arrived: what
+ * the owner will know a redelivery of it by (ConsumerOptions.ackMemo).
+ */
+export type AckMemo = string | Buffer;
 
 export interface Delivery {
   message: ConsumeMessage;
@@ -55,6 +62,14 @@ export interface ConsumerOptions {
   onDelivery: (delivery: Delivery) => void;
   /** A session that delivered has ended: its unsettled deliveries are the broker's again. */
   onChannelLost?: (lost: LostSession) => void;
+  /**
+   * What to keep of a delivery acked until its ack is proven, for LostSession.uncertain.
+   * Not the message: it is kept for a fence's round trip and more (tens of ms under load),
+   * past two scavenges, so what is kept is promoted to the old generation, a task after
+   * a task; the whole message (its fields, properties and headers) was most of what the
+   * master's old generation grew by (docs/benchmarks.md). Without it, nothing is kept.
+   */
+  ackMemo?: (message: ConsumeMessage) => AckMemo;
   /** A session is consuming: what else should live on its connection (the control exchange's listener). */
   onConsuming?: (connection: BrokerConnection) => void;
   reconnect?: { initialMs: number; maxMs: number };
@@ -380,6 +395,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
         return { ended };
       }
       session = new ConsumerSession(connection, channel, ackFlushThreshold(this.#prefetch), {
+        memo: this.#opts.ackMemo,
         // basic.qos with the prefetch in force: cheap, answered in order after the acks.
         run: () => channel.prefetch(this.#prefetch),
         onUnanswered: (waitedMs) => {

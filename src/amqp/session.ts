@@ -6,6 +6,7 @@
 import type { Channel, ConsumeMessage } from 'amqplib';
 import { AckFlusher, type Fence } from './ack-flusher.ts';
 import type { BrokerConnection } from './connection.ts';
+import type { AckMemo } from './consumer.ts';
 
 export class ConsumerSession {
   readonly connection: BrokerConnection;
@@ -15,29 +16,33 @@ export class ConsumerSession {
   consumerTag: string | undefined;
   /**
    * Deliveries acked and not yet proven to have reached the broker (see the fences in
-   * ack-flusher.ts), by delivery tag: what the session's end reports as uncertain.
+   * ack-flusher.ts), by delivery tag, as the memo kept them: what the session's end
+   * reports as uncertain.
    */
-  readonly #uncertain = new Map<number, ConsumeMessage>();
+  readonly #uncertain = new Map<number, AckMemo>();
   #dropped = false;
-  /** Whether acks are fenced: without fences nothing is ever confirmed, so nothing is kept. */
-  readonly #fenced: boolean;
+  /** What to keep of each; undefined when nothing is kept (no fences: nothing is ever confirmed). */
+  readonly #memo: ((message: ConsumeMessage) => AckMemo) | undefined;
 
   constructor(
     connection: BrokerConnection,
     channel: Channel,
     ackFlushAt: number,
-    fence?: Pick<Fence, 'run' | 'onUnanswered'>,
+    fence?: Pick<Fence, 'run' | 'onUnanswered'> & {
+      memo?: ((message: ConsumeMessage) => AckMemo) | undefined;
+    },
   ) {
     this.connection = connection;
     this.channel = channel;
-    this.#fenced = fence !== undefined;
+    this.#memo = fence?.memo;
     this.acks = new AckFlusher(
       channel,
       ackFlushAt,
       fence === undefined
         ? undefined
         : {
-            ...fence,
+            run: fence.run,
+            onUnanswered: fence.onUnanswered,
             onConfirmed: (tags) => {
               for (const tag of tags) this.#uncertain.delete(tag);
             },
@@ -47,12 +52,12 @@ export class ConsumerSession {
 
   /** Acks a delivery of this session; it stays uncertain until a fence covers it. */
   ack(message: ConsumeMessage): void {
-    if (this.#fenced) this.#uncertain.set(message.fields.deliveryTag, message);
+    if (this.#memo !== undefined) this.#uncertain.set(message.fields.deliveryTag, this.#memo(message));
     this.acks.ack(message.fields.deliveryTag);
   }
 
-  /** The messages acked whose acks were never proven to have arrived. */
-  get uncertain(): ConsumeMessage[] {
+  /** What was kept of the messages acked whose acks were never proven to have arrived. */
+  get uncertain(): AckMemo[] {
     return [...this.#uncertain.values()];
   }
 

@@ -17,7 +17,7 @@ import type { Logger } from 'pino';
 import type { AmqpConsumer, Delivery, LostSession } from '../amqp/consumer.ts';
 import { ADOPTED_COPY_HEADER, adoptedCopy, ownHeader, type Publication } from './outcome.ts';
 import { RecentIds } from './recent-ids.ts';
-import { bodyKey, finishedKey, type Renewal, type Work } from './work.ts';
+import { bodyKey, finishedKey, finishedMemo, type Renewal, type Work } from './work.ts';
 
 /** Renewal copies this service has made and not yet seen: the run waiting for one, or `settled` when the run is over. */
 const MAX_COPIES_REMEMBERED = 10_000;
@@ -80,7 +80,7 @@ export class Redeliveries {
 
   /** It finished but its ack could not be given (its session ended): a redelivery of it is acked unrun. */
   finishedUnacked(message: ConsumeMessage): void {
-    this.#finishedUnacked.add(finishedKey(message));
+    this.#finishedUnacked.add(finishedKey(finishedMemo(message)));
   }
 
   /** Its renewal copy was made redundant by a give-back: the copy is the message given back. */
@@ -272,7 +272,7 @@ export class Redeliveries {
    * delivered that still run, without a message id, wait to be matched by body.
    */
   sessionLost(lost: LostSession, running: Iterable<Work>): void {
-    for (const message of lost.uncertain) this.#finishedUnacked.add(finishedKey(message));
+    for (const memo of lost.uncertain) this.#finishedUnacked.add(finishedKey(memo));
     for (const work of running) {
       if (
         work.delivery.session !== lost.session ||

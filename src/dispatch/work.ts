@@ -3,7 +3,7 @@
 // which runs and settles it, and the redelivery memory (redeliveries.ts), which keeps a
 // message that comes back meanwhile from running twice.
 import type { ConsumeMessage } from 'amqplib';
-import type { Delivery } from '../amqp/consumer.ts';
+import type { AckMemo, Delivery } from '../amqp/consumer.ts';
 import type { SpanOutcome, TaskSpan } from '../telemetry/task-tracer.ts';
 import { crashKey } from './crash-journal.ts';
 import { attemptOf } from './outcome.ts';
@@ -66,12 +66,20 @@ export function bodyKey(body: Buffer): string {
   return `body\u0000${crashKey(undefined, body)}`;
 }
 
-/** The key a finished delivery is remembered under when its ack is uncertain. */
-export function finishedKey(message: ConsumeMessage): string {
+/**
+ * What the consumer keeps of a delivery acked until its ack is proven (its ackMemo): the
+ * key it is remembered under if that ack turns out uncertain (finishedKey), or, without a
+ * message id, its body, digested only then: a digest per task would cost the master more
+ * than the memo saves.
+ */
+export function finishedMemo(message: ConsumeMessage): AckMemo {
   const id = message.properties.messageId;
-  return typeof id === 'string'
-    ? dedupeKey(id, attemptOf(message), message.content.length)
-    : bodyKey(message.content);
+  return typeof id === 'string' ? dedupeKey(id, attemptOf(message), message.content.length) : message.content;
+}
+
+/** The key a finished delivery is remembered under when its ack is uncertain. */
+export function finishedKey(memo: AckMemo): string {
+  return typeof memo === 'string' ? memo : bodyKey(memo);
 }
 
 /** Its adopted redelivery was renewed (the copy confirmed, the redelivery acked): the copy is now the message. */

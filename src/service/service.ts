@@ -17,6 +17,7 @@ import { redactUrl, splitUrls } from '../amqp/url.ts';
 import { type Config, WORKER_RSS_MB } from '../config/option-table.ts';
 import { CrashJournal } from '../dispatch/crash-journal.ts';
 import { Dispatcher } from '../dispatch/dispatcher.ts';
+import { finishedMemo } from '../dispatch/work.ts';
 import { ServiceError } from '../errors.ts';
 import {
   buildServer,
@@ -165,6 +166,7 @@ export class Service {
       prefetch: config.prefetch,
       logger,
       onDelivery: (delivery) => this.dispatcher.handle(delivery),
+      ackMemo: finishedMemo,
       // What that channel delivered and has not started is the broker's again: drop it
       // here, or it would run now and again when redelivered.
       onChannelLost: (lost) => {

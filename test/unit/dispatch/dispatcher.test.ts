@@ -13,6 +13,7 @@ import type { Delivery } from '../../../src/amqp/consumer.ts';
 import type { ConsumerSession } from '../../../src/amqp/session.ts';
 import { CrashJournal, crashKey } from '../../../src/dispatch/crash-journal.ts';
 import { Dispatcher, type DispatcherOptions } from '../../../src/dispatch/dispatcher.ts';
+import { finishedMemo } from '../../../src/dispatch/work.ts';
 import { createMetrics } from '../../../src/metrics/metrics.ts';
 import type { JobResult, TaskRequest } from '../../../src/pool/pool.ts';
 
@@ -537,7 +538,10 @@ test('acks the lost session never confirmed: their redeliveries are acked unrun,
   assert.equal(w.requests.length, 2);
   const dead = liveSession;
   const fresh = w.loseChannel();
-  w.dispatcher.sessionLost({ session: dead, uncertain: [withId.message, noId.message] });
+  w.dispatcher.sessionLost({
+    session: dead,
+    uncertain: [finishedMemo(withId.message), finishedMemo(noId.message)],
+  });
   const again1 = delivery({ func: 'add', args: [1] }, { messageId: 'm1', redelivered: true, session: fresh });
   const again2 = delivery({ func: 'add', args: [2] }, { redelivered: true, session: fresh });
   w.dispatcher.handle(again1);
