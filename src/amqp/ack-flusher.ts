@@ -24,8 +24,14 @@ import { AckBatch } from './ack-batch.ts';
 const ACK_DELAY_MS = 1;
 /** How long a delivery may hold back the acks above it before they go out alone (see #flushTimed). */
 const ACK_HOLD_MS = 5;
-/** How long acks wait for a fence after the last one, at most: fences are one at a time and batch what came meanwhile. */
-const FENCE_EVERY_MS = 25;
+/**
+ * How long acks wait for a fence after the last one, at most: fences are one at a time and
+ * batch what came meanwhile. Short, because what the session keeps of an acked delivery
+ * lives until a fence answers: at 25 ms it outlived two scavenges under load and was
+ * promoted, a task after a task, and the old generation and RSS grew with the task count
+ * (docs/benchmarks.md). A fence is one small round trip: at most 200 a second.
+ */
+const FENCE_EVERY_MS = 5;
 /** A fence at least this often while the session lives, acks or not: a silent link is noticed in a lull too. */
 const FENCE_PROBE_MS = 2_000;
 
