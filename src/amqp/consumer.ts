@@ -67,7 +67,8 @@ export interface ConsumerOptions {
    * Not the message: it is kept for a fence's round trip and more (tens of ms under load),
    * past two scavenges, so what is kept is promoted to the old generation, a task after
    * a task; the whole message (its fields, properties and headers) was most of what the
-   * master's old generation grew by (docs/benchmarks.md). Without it, nothing is kept.
+   * master's old generation grew by (docs/benchmarks.md). A memo that is the body keeps
+   * the socket read it is a view of, as the message did. Without it, nothing is kept.
    */
   ackMemo?: (message: ConsumeMessage) => AckMemo;
   /** A session is consuming: what else should live on its connection (the control exchange's listener). */

@@ -37,7 +37,12 @@ test('an acked delivery is kept as its memo, not as the message, until a fence a
   assert.deepEqual(session.uncertain, ['m1', noId.content]);
   assert.equal(session.uncertain[1], noId.content);
   // The flush, then the fence: waited for, not timed (a busy machine is late).
-  while (answer === undefined) await later(2);
+  const ceiling = performance.now() + 20_000;
+  while (answer === undefined) {
+    assert.ok(performance.now() < ceiling, 'a fence within 20 s');
+    await later(2);
+  }
+  assert.equal(session.uncertain.length, 2, 'written, the fence unanswered: still kept');
   answer();
   await later(0);
   assert.deepEqual(session.uncertain, [], 'the answered fence proves both');
