@@ -19,6 +19,7 @@
 // a fence is also sent when none has been for FENCE_PROBE_MS.
 import type { Channel, ConsumeMessage } from 'amqplib';
 import { AckBatch } from './ack-batch.ts';
+import { isRefusedAsClosing } from './connection.ts';
 
 /** How long an ack may wait to go out with others. */
 const ACK_DELAY_MS = 1;
@@ -174,7 +175,7 @@ export class AckFlusher {
       // process. What was not written is the broker's to redeliver (and the session reports
       // it as uncertain): like a flusher stopped a moment later. Anything else is a defect
       // and is not hidden.
-      if ((err as Error).name !== 'IllegalOperationError') throw err;
+      if (!isRefusedAsClosing(err)) throw err;
       this.stop();
       return;
     }

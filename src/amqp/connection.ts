@@ -76,6 +76,15 @@ export function isLoginRefused(err: unknown): boolean {
   return typeof message === 'string' && /ACCESS.REFUSED|\b403\b/.test(message);
 }
 
+/**
+ * Whether amqplib refused a write (an ack, a nack, a publish) because its channel or its
+ * connection has begun to close: it throws its IllegalOperationError at once, and the
+ * write never reached the socket.
+ */
+export function isRefusedAsClosing(err: unknown): boolean {
+  return (err as { name?: unknown } | undefined)?.name === 'IllegalOperationError';
+}
+
 /** The user of a broker URL, for a log line that must not show the password. */
 export function userOf(url: string): string {
   try {

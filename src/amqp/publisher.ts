@@ -27,7 +27,13 @@ import type { ConfirmChannel, ConsumeMessage, Options } from 'amqplib';
 import type { Logger } from 'pino';
 import { PublishRefusedError, UnroutableError } from '../errors.ts';
 import { backoffDelay } from '../util/backoff.ts';
-import { AddressList, type BrokerConnection, isLoginRefused, openConnection } from './connection.ts';
+import {
+  AddressList,
+  type BrokerConnection,
+  isLoginRefused,
+  isRefusedAsClosing,
+  openConnection,
+} from './connection.ts';
 import { declareTopology, type Topology } from './topology.ts';
 
 export interface PublisherOptions {
@@ -112,7 +118,7 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
         if (err instanceof UnroutableError || err instanceof PublishRefusedError) throw err;
         if (session !== undefined) blocked += session.connection.blockedMs - blockedAtStart;
         // A try refused unwritten (the channel was closing after the refusal) is not a second refusal.
-        const unwritten = (err as Error).name === 'IllegalOperationError';
+        const unwritten = isRefusedAsClosing(err);
         if (session?.refused !== undefined && !unwritten && ++refusals >= 2)
           throw new PublishRefusedError(`the broker refused it twice: ${session.refused.message}`, {
             cause: session.refused,
@@ -157,7 +163,7 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
         session.pending.splice(session.pending.indexOf(entry), 1);
         // Not written because the channel or its connection has begun to close: a try
         // that failed for now, like a lost connection (the next one goes on a new one).
-        if ((err as Error).name === 'IllegalOperationError') reject(err);
+        if (isRefusedAsClosing(err)) reject(err);
         // Not even written: amqplib could not encode it. It never will; nothing waits.
         else
           reject(new PublishRefusedError(`it cannot be encoded: ${(err as Error).message}`, { cause: err }));

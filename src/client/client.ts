@@ -16,7 +16,7 @@ import { randomUUID } from 'node:crypto';
 import { context, propagation } from '@opentelemetry/api';
 import type { ChannelModel, ConfirmChannel, ConsumeMessage, Options } from 'amqplib';
 import pino from 'pino';
-import { AddressList, openFirst } from '../amqp/connection.ts';
+import { AddressList, isRefusedAsClosing, openFirst } from '../amqp/connection.ts';
 import { BROKER_DEFAULTS, DEFAULT_URLS } from '../amqp/defaults.ts';
 import { splitUrls } from '../amqp/url.ts';
 import { ClientError, type FailureKind, SendManyError, TaskCallError } from '../errors.ts';
@@ -255,7 +255,7 @@ export class Client<T extends TaskModule = AnyTasks> {
       // large for a frame, a value it cannot write).
       const why =
         this.#closed ??
-        ((err as Error).name === 'IllegalOperationError'
+        (isRefusedAsClosing(err)
           ? new ClientError('ERR_CLIENT_CLOSED', 'the channel is closed', { cause: err })
           : new ClientError('ERR_PUBLISH_REFUSED', `the message cannot be sent: ${String(err)}`, {
               cause: err,
