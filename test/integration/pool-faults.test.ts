@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { type TestContext, test } from 'node:test';
 import { pathToFileURL } from 'node:url';
 import fc from 'fast-check';
 import pino from 'pino';
@@ -23,6 +23,25 @@ import {
 } from '../support/helpers.ts';
 
 const logger = pino({ level: 'silent' });
+
+/** A pool of `size` on the fixture tasks (or `moduleUrl`), started; closed after the test. */
+async function startedPool(
+  t: TestContext,
+  {
+    size,
+    taskTimeoutMs,
+    moduleUrl = pathToFileURL(FIXTURE_TASKS).href,
+  }: {
+    size: number;
+    taskTimeoutMs: number;
+    moduleUrl?: string;
+  },
+): Promise<Pool> {
+  const pool = new Pool({ size, moduleUrl, taskTimeoutMs, logger });
+  t.after(() => pool.close(0));
+  await pool.start();
+  return pool;
+}
 
 type Op =
   | { op: 'resize'; n: number }
@@ -114,14 +133,7 @@ test('property: any interleaving of resize, reload, kill and timeouts resolves e
 });
 
 test('a timeout kill keeps the results the child wrote before it: only the task that ran long is a timeout', async (t) => {
-  const pool = new Pool({
-    size: 1,
-    moduleUrl: pathToFileURL(FIXTURE_TASKS).href,
-    taskTimeoutMs: 400,
-    logger,
-  });
-  t.after(() => pool.close(0));
-  await pool.start();
+  const pool = await startedPool(t, { size: 1, taskTimeoutMs: 400 });
   // Teach the pool that tasks are tiny, so that it pipelines several to the one child.
   for (let i = 0; i < 50; i++) await pool.run(request('add', [i, 1]));
   // Quick ones, then one that spins past the limit: handed over together.
@@ -156,14 +168,12 @@ test('during a reload, a function only the new code exports goes only to new wor
   ].join('\n');
   writeFileSync(module, oldCode);
   const busyGate = join(dir, 'gate');
-  const pool = new Pool({
+  // The busy task waits at its gate while the new workers boot.
+  const pool = await startedPool(t, {
     size: 3,
+    taskTimeoutMs: 60_000,
     moduleUrl: pathToFileURL(module).href,
-    taskTimeoutMs: 60_000, // the busy task waits at its gate while the new workers boot
-    logger,
   });
-  t.after(() => pool.close(0));
-  await pool.start();
   // One old worker busy until the gate opens; the other two idle, and still there when
   // the first new worker says ready.
   const busy = pool.run(request('old', [busyGate]));
@@ -186,14 +196,7 @@ test('during a reload, a function only the new code exports goes only to new wor
 });
 
 test('a child running a backlog of synchronous tasks hears a cancel: the drain takes the rest back', async (t) => {
-  const pool = new Pool({
-    size: 1,
-    moduleUrl: pathToFileURL(FIXTURE_TASKS).href,
-    taskTimeoutMs: 5_000,
-    logger,
-  });
-  t.after(() => pool.close(0));
-  await pool.start();
+  const pool = await startedPool(t, { size: 1, taskTimeoutMs: 5_000 });
   // The average says tiny, so a burst of 20 ms synchronous tasks is pipelined deep.
   for (let i = 0; i < 50; i++) await pool.run(request('add', [i, 1]));
   const tasks = Array.from({ length: 64 }, () => pool.run(request('busy', [20])));
@@ -215,14 +218,7 @@ test('a child running a backlog of synchronous tasks hears a cancel: the drain t
 
 test('once a drain begins nothing starts, and a task cancelled meanwhile ends cancelled, not given back', async (t) => {
   const running = gate(t);
-  const pool = new Pool({
-    size: 1,
-    moduleUrl: pathToFileURL(FIXTURE_TASKS).href,
-    taskTimeoutMs: 60_000,
-    logger,
-  });
-  t.after(() => pool.close(0));
-  await pool.start();
+  const pool = await startedPool(t, { size: 1, taskTimeoutMs: 60_000 });
   const cancelledRequest = request('add', [1, 2]);
   // Asked for in one turn: handed over together, the worker holds the second behind the
   // first (the third in the worker too, or in the master's queue).
