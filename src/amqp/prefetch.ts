@@ -82,8 +82,11 @@ export interface AutoPrefetchOptions {
   consumer: { readonly prefetch: number; setPrefetch(count: number): Promise<void> };
   /** Deliveries received and not yet settled. */
   unsettled: () => number;
-  /** The memory budget for the bodies held in flight, and their average size so far. */
-  memory?: { budgetBytes: number; averageBodyBytes: () => number | undefined };
+  /**
+   * The memory budget for the bodies held in flight; the largest body accepted
+   * (--max-message-bytes), which sizes the window until a body is seen; and the average size so far.
+   */
+  memory?: { budgetBytes: number; largestBodyBytes: number; averageBodyBytes: () => number | undefined };
 }
 
 /** How often to look at the average: cheap, and soon after start-up it matters. */
@@ -114,12 +117,18 @@ export class AutoPrefetch {
     const { pool, consumer } = this.#opts;
     const current = consumer.prefetch;
     const memory = this.#opts.memory;
-    const bodyBytes = memory?.averageBodyBytes();
     const byTime = autoPrefetch(pool.size, pool.averageTaskMs);
+    // Before the first body, the largest one accepted: the window start-up chose
+    // (config/options.ts), not the time's alone, which a first burst of large bodies would
+    // overfill before the budget's pause could land.
     const target =
-      memory === undefined || bodyBytes === undefined
+      memory === undefined
         ? byTime
-        : memoryBoundPrefetch(byTime, memory.budgetBytes, bodyBytes);
+        : memoryBoundPrefetch(
+            byTime,
+            memory.budgetBytes,
+            memory.averageBodyBytes() ?? memory.largestBodyBytes,
+          );
     if (!worthRetuning(current, target)) return;
     void consumer.setPrefetch(target);
     const excess = this.#opts.unsettled() - target;

@@ -231,6 +231,7 @@ export class Service {
           unsettled: () => this.dispatcher.inFlight,
           memory: {
             budgetBytes: config.maxHeldBytes,
+            largestBodyBytes: config.maxMessageBytes,
             averageBodyBytes: () => this.dispatcher.averageBodyBytes,
           },
         })

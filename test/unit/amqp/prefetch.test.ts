@@ -61,3 +61,27 @@ test('a smaller window gives back what is held beyond it; a larger one gives bac
   auto.retune();
   assert.deepEqual(calls.slice(1), ['prefetch 20', `giveBack ${2 * MAX_PER_WORKER - 20}`]);
 });
+
+test('with a memory budget, the window fits the largest body until one is seen, then the average', () => {
+  const set: number[] = [];
+  const consumer = {
+    prefetch: 2, // start-up's window: 16 MiB at 8 MiB each
+    async setPrefetch(count: number) {
+      set.push(count);
+      this.prefetch = count;
+    },
+  };
+  let average: number | undefined;
+  const auto = new AutoPrefetch({
+    logger: pino({ level: 'silent' }),
+    pool: { size: 1, averageTaskMs: undefined, giveBack: () => 0 },
+    consumer,
+    unsettled: () => 0,
+    memory: { budgetBytes: 16 * 2 ** 20, largestBodyBytes: 8 * 2 ** 20, averageBodyBytes: () => average },
+  });
+  auto.retune();
+  assert.deepEqual(set, [], `no body yet: still 2, not the ${defaultPrefetch(1)} of an untimed pool`);
+  average = 1 * 2 ** 20;
+  auto.retune();
+  assert.deepEqual(set, [16], 'bodies of 1 MiB: 16 fit');
+});
