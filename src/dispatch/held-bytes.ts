@@ -9,6 +9,8 @@ import { collectGarbage } from '../util/gc.ts';
 /** The body bytes after which an idle master asks for a garbage collection, and how often at most. */
 const COLLECT_AFTER_BYTES = 32 * 1024 * 1024;
 const COLLECT_EVERY_MS = 5_000;
+/** How long nothing is in flight before that collection: the last acks' fence answers well within it. */
+const COLLECT_AFTER_IDLE_MS = 1_000;
 
 export interface HeldBytesOptions {
   /** The budget; undefined: no limit. */
@@ -16,6 +18,8 @@ export interface HeldBytesOptions {
   /** Held bytes passed the budget (true), or came back under half of it (false). */
   onPressure?: (over: boolean) => void;
   logger: Logger;
+  /** The full collection (util/gc.ts); a test's counter in unit tests. */
+  collect?: () => void;
 }
 
 export class HeldBytes {
@@ -26,6 +30,7 @@ export class HeldBytes {
   /** Body bytes taken since the last garbage collection asked for. */
   #sinceCollect = 0;
   #collectAt = 0;
+  #collectTimer: NodeJS.Timeout | undefined;
 
   constructor(opts: HeldBytesOptions) {
     this.#opts = opts;
@@ -59,7 +64,7 @@ export class HeldBytes {
   /** A body was settled; `idle`: nothing is in flight any more. */
   release(bytes: number, idle: () => boolean): void {
     this.#held -= bytes;
-    if (idle() && this.#sinceCollect >= COLLECT_AFTER_BYTES) this.#collectSoon(idle);
+    if (idle() && this.#sinceCollect >= COLLECT_AFTER_BYTES) this.#collectWhenIdle(idle);
     const budget = this.#opts.budget;
     if (budget === undefined || !this.#pressured || this.#held > budget / 2) return;
     this.#pressured = false;
@@ -70,14 +75,26 @@ export class HeldBytes {
     this.#opts.onPressure?.(false);
   }
 
-  /** One full collection after this turn, if still idle; at most one per COLLECT_EVERY_MS. */
-  #collectSoon(idle: () => boolean): void {
-    const now = performance.now();
-    if (now < this.#collectAt) return;
-    this.#collectAt = now + COLLECT_EVERY_MS;
-    this.#sinceCollect = 0;
-    setImmediate(() => {
-      if (idle()) collectGarbage();
-    });
+  /**
+   * One full collection once nothing has been in flight for a moment, at most one per
+   * COLLECT_EVERY_MS (a request inside that time waits for its end, never dropped). Not at
+   * once: until the broker has answered the fence behind the last acks, the consumer keeps
+   * what it needs of each acked delivery (amqp/consumer.ts, `ackMemo`: the body itself for
+   * one without a message id), and a collection then would leave the burst's last bodies
+   * in memory for as long as the master stays idle.
+   */
+  #collectWhenIdle(idle: () => boolean): void {
+    if (this.#collectTimer !== undefined) return;
+    // The wall clock, bounded both ways: a clock set back waits COLLECT_EVERY_MS at most.
+    const wait = Math.min(COLLECT_EVERY_MS, Math.max(COLLECT_AFTER_IDLE_MS, this.#collectAt - Date.now()));
+    this.#collectTimer = setTimeout(() => {
+      this.#collectTimer = undefined;
+      // Busy again: the next release that leaves nothing in flight asks again.
+      if (!idle()) return;
+      this.#collectAt = Date.now() + COLLECT_EVERY_MS;
+      this.#sinceCollect = 0;
+      (this.#opts.collect ?? collectGarbage)();
+    }, wait);
+    this.#collectTimer.unref();
   }
 }
