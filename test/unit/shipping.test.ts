@@ -87,6 +87,8 @@ test('the image: Node.js 24, an init as PID 1, non-root, a HEALTHCHECK on /healt
   assert.match(runtime, /^HEALTHCHECK .*\n.*\/health\/live/m);
   assert.ok(runtime.includes(ROUTES.live));
   assert.match(dockerfile, /apt-get install .*dumb-init/);
+  // In the base stage, so the runtime and the test suite run under the same allocator.
+  assert.match(stage('base'), /^ENV MALLOC_MMAP_THRESHOLD_=131072$/m, 'large blocks are unmapped when freed');
   const script = assertInit(runtime, 'the runtime').find((a) => a.endsWith('.ts'));
   assert.ok(script !== undefined && existsSync(join(ROOT, script)), `the entry ${script} exists`);
   assert.match(runtime, /npm ci --omit=dev|--from=deps/);
