@@ -16,11 +16,11 @@ WORKDIR /app
 RUN apt-get update \
  && apt-get install -y --no-install-recommends dumb-init \
  && rm -rf /var/lib/apt/lists/*
-# glibc's malloc maps each block over 128 KiB on its own and unmaps it when freed. By
+# glibc's malloc maps each block of 128 KiB or more on its own and unmaps it when freed. By
 # default it raises that threshold to the size of the largest block freed so far, so after
 # the first large message body the rest come from its heap, which it keeps: after a burst
-# of 4 MiB bodies the master stayed 90 to 120 MiB over its idle size, against about 40 MiB
-# with the threshold fixed (README "Limits", Memory). Small allocations, all a tiny task
+# of 4 MiB bodies the master stayed 90 to 120 MiB over its idle size, against 30 to 90 MiB
+# with the threshold fixed (README "Limits and trust", Memory). Small allocations, all a tiny task
 # makes, are unchanged.
 ENV MALLOC_MMAP_THRESHOLD_=131072
 

@@ -8,7 +8,8 @@
 // sits on messages another could run. One fixed number cannot be both.
 //
 // It starts at the safe default (defaultPrefetch) until tasks have been timed, then
-// follows the pool's moving average. When it shrinks, the deliveries received beyond
+// follows the pool's moving average; with a memory budget, never past what fits in it at
+// the average body, or at the largest body accepted until one is seen. When it shrinks, the deliveries received beyond
 // the new window that have not been handed to a worker go back to the queue: basic.qos
 // never takes back what was delivered, and a burst of long tasks after tiny ones would
 // otherwise keep hundreds of messages waiting here, past RabbitMQ's consumer_timeout.
@@ -117,6 +118,7 @@ export class AutoPrefetch {
     const { pool, consumer } = this.#opts;
     const current = consumer.prefetch;
     const memory = this.#opts.memory;
+    const averageBodyBytes = memory?.averageBodyBytes();
     const byTime = autoPrefetch(pool.size, pool.averageTaskMs);
     // Before the first body, the largest one accepted: the window start-up chose
     // (config/options.ts), not the time's alone, which a first burst of large bodies would
@@ -124,17 +126,13 @@ export class AutoPrefetch {
     const target =
       memory === undefined
         ? byTime
-        : memoryBoundPrefetch(
-            byTime,
-            memory.budgetBytes,
-            memory.averageBodyBytes() ?? memory.largestBodyBytes,
-          );
+        : memoryBoundPrefetch(byTime, memory.budgetBytes, averageBodyBytes ?? memory.largestBodyBytes);
     if (!worthRetuning(current, target)) return;
     void consumer.setPrefetch(target);
     const excess = this.#opts.unsettled() - target;
     const givenBack = excess > 0 ? pool.giveBack(excess) : 0;
     this.#log.info(
-      { from: current, to: target, averageTaskMs: pool.averageTaskMs, givenBack },
+      { from: current, to: target, averageTaskMs: pool.averageTaskMs, averageBodyBytes, givenBack },
       'prefetch follows the task duration',
     );
   }

@@ -1,15 +1,16 @@
 // The bytes of message bodies the master holds in flight, and what follows from them: the
 // budget (--max-held-bytes), which pauses consuming past it and resumes it under half
 // (the gap keeps it from flapping); the average body, which the automatic prefetch fits
-// its window to; and, once idle after a burst, one garbage collection (util/gc.ts), so
-// the memory of the burst is returned now rather than at the next load.
+// its window to; and, a second after the master falls idle after a burst, one garbage
+// collection (util/gc.ts), so the memory of the burst is returned then rather than at the
+// next load.
 import type { Logger } from 'pino';
 import { collectGarbage } from '../util/gc.ts';
 
 /** The body bytes after which an idle master asks for a garbage collection, and how often at most. */
 const COLLECT_AFTER_BYTES = 32 * 1024 * 1024;
 const COLLECT_EVERY_MS = 5_000;
-/** How long nothing is in flight before that collection: the last acks' fence answers well within it. */
+/** How long no body comes in and nothing is in flight before that collection: the last acks' fence answers well within it. */
 const COLLECT_AFTER_IDLE_MS = 1_000;
 
 export interface HeldBytesOptions {
@@ -31,6 +32,7 @@ export class HeldBytes {
   #sinceCollect = 0;
   #collectAt = 0;
   #collectTimer: NodeJS.Timeout | undefined;
+  #closed = false;
 
   constructor(opts: HeldBytesOptions) {
     this.#opts = opts;
@@ -75,22 +77,41 @@ export class HeldBytes {
     this.#opts.onPressure?.(false);
   }
 
+  /** No collection after this: the service is draining (a stopped service collects nothing later). */
+  close(): void {
+    clearTimeout(this.#collectTimer);
+    this.#collectTimer = undefined;
+    this.#closed = true;
+  }
+
   /**
-   * One full collection once nothing has been in flight for a moment, at most one per
-   * COLLECT_EVERY_MS (a request inside that time waits for its end, never dropped). Not at
-   * once: until the broker has answered the fence behind the last acks, the consumer keeps
-   * what it needs of each acked delivery (amqp/consumer.ts, `ackMemo`: the body itself for
-   * one without a message id), and a collection then would leave the burst's last bodies
-   * in memory for as long as the master stays idle.
+   * One full collection once no body has come in and nothing has been in flight for
+   * COLLECT_AFTER_IDLE_MS, at most one per COLLECT_EVERY_MS (a request inside that time
+   * waits for its end, never dropped). Not at once: until the broker has answered the
+   * fence behind the last acks, the consumer keeps what it needs of each acked delivery
+   * (amqp/consumer.ts, `ackMemo`: the body itself for one without a message id), and a
+   * collection then would leave the burst's last bodies in memory for as long as the
+   * master stays idle.
    */
   #collectWhenIdle(idle: () => boolean): void {
-    if (this.#collectTimer !== undefined) return;
-    // The wall clock, bounded both ways: a clock set back waits COLLECT_EVERY_MS at most.
+    if (this.#collectTimer !== undefined || this.#closed) return;
+    // The wall clock (performance.now() cannot be mocked in tests), bounded both ways: a
+    // clock set back waits COLLECT_EVERY_MS at most.
     const wait = Math.min(COLLECT_EVERY_MS, Math.max(COLLECT_AFTER_IDLE_MS, this.#collectAt - Date.now()));
+    this.#armCollection(idle, wait);
+  }
+
+  #armCollection(idle: () => boolean, wait: number): void {
+    // take() adds to it: a body that came in meanwhile, even one settled since, shows here
+    // without a cost per task.
+    const taken = this.#sinceCollect;
     this.#collectTimer = setTimeout(() => {
       this.#collectTimer = undefined;
-      // Busy again: the next release that leaves nothing in flight asks again.
-      if (!idle()) return;
+      // Busy, or busy meanwhile: a whole quiet while again from now.
+      if (!idle() || this.#sinceCollect !== taken) {
+        this.#armCollection(idle, COLLECT_AFTER_IDLE_MS);
+        return;
+      }
       this.#collectAt = Date.now() + COLLECT_EVERY_MS;
       this.#sinceCollect = 0;
       (this.#opts.collect ?? collectGarbage)();

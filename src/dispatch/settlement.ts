@@ -81,7 +81,7 @@ export class Settlement {
     });
   }
 
-  /** Nothing in flight: the held-bytes budget collects garbage then, after a burst. */
+  /** Nothing in flight: after a burst, the held bytes (HeldBytes) ask for a collection a second later. */
   readonly #idle = (): boolean => this.#inFlight === 0;
 
   /** Messages received and not yet settled. */
@@ -113,6 +113,7 @@ export class Settlement {
   /** Resolves when all in flight are settled; what is held after failing to settle goes back now. */
   drain(): Promise<void> {
     this.#draining = true;
+    this.#heldBytes.close();
     for (const giveBack of [...this.#held]) giveBack();
     if (this.#inFlight === 0) return Promise.resolve();
     return new Promise((resolve) => {

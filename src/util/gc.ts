@@ -1,8 +1,8 @@
 // A full garbage collection, on request. V8 collects only when it allocates: a master that
 // went idle after a burst of large bodies (each one in memory as bytes, text, parsed value
 // and IPC frame) would keep hundreds of megabytes of garbage, and its RSS with it, until
-// the next load. The held-bytes count asks for one collection a second after it falls
-// idle after such a burst (dispatch/held-bytes.ts). `node --expose-gc` gives `gc`
+// the next load. HeldBytes asks for one collection a second after the master falls idle
+// after such a burst (dispatch/held-bytes.ts). `node --expose-gc` gives `gc`
 // directly; without the flag it is enabled here once, which V8 allows at run time for
 // this flag.
 import { setFlagsFromString } from 'node:v8';
