@@ -9,10 +9,11 @@
 //
 // It starts at the safe default (defaultPrefetch) until tasks have been timed, then
 // follows the pool's moving average; with a memory budget, never past what fits in it at
-// the average body, or at the largest body accepted until one is seen. When it shrinks, the deliveries received beyond
-// the new window that have not been handed to a worker go back to the queue: basic.qos
-// never takes back what was delivered, and a burst of long tasks after tiny ones would
-// otherwise keep hundreds of messages waiting here, past RabbitMQ's consumer_timeout.
+// the average body, or at the largest body accepted until one is seen. When it shrinks,
+// the deliveries received beyond the new window that have not been handed to a worker go
+// back to the queue: basic.qos never takes back what was delivered, and a burst of long
+// tasks after tiny ones would otherwise keep hundreds of messages waiting here, past
+// RabbitMQ's consumer_timeout.
 import type { Logger } from 'pino';
 
 /** The most deliveries one instance holds at once, however the prefetch is chosen. */
@@ -85,9 +86,14 @@ export interface AutoPrefetchOptions {
   unsettled: () => number;
   /**
    * The memory budget for the bodies held in flight; the largest body accepted
-   * (--max-message-bytes), which sizes the window until a body is seen; and the average size so far.
+   * (--max-message-bytes), which sizes the window until a body is seen; and the average
+   * size so far.
    */
-  memory?: { budgetBytes: number; largestBodyBytes: number; averageBodyBytes: () => number | undefined };
+  memory?: {
+    budgetBytes: number;
+    largestBodyBytes: number;
+    averageBodyBytes: () => number | undefined;
+  };
 }
 
 /** How often to look at the average: cheap, and soon after start-up it matters. */

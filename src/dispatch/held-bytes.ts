@@ -10,7 +10,10 @@ import { collectGarbage } from '../util/gc.ts';
 /** The body bytes after which an idle master asks for a garbage collection, and how often at most. */
 const COLLECT_AFTER_BYTES = 32 * 1024 * 1024;
 const COLLECT_EVERY_MS = 5_000;
-/** How long no body comes in and nothing is in flight before that collection: the last acks' fence answers well within it. */
+/**
+ * How long no body comes in and nothing is in flight before that collection: the fence
+ * behind the last acks answers well within it.
+ */
 const COLLECT_AFTER_IDLE_MS = 1_000;
 
 export interface HeldBytesOptions {
