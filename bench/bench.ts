@@ -10,7 +10,7 @@ import amqp, { type ConfirmChannel } from 'amqplib';
 import { createClient } from '../src/client/client.ts';
 import { testBrokerUrl } from '../test/support/broker-url.ts';
 import { type ClusterFigures, clusterConnection, clusterPhase, rawRate } from './cluster.ts';
-import { type ServiceProcess, sleep, startServiceProcess } from './service-process.ts';
+import { outcomes, type ServiceProcess, sample, sleep, startServiceProcess } from './service-process.ts';
 
 /** AMQP_URL, or the default account the local broker accepts (as the tests choose). */
 const AMQP_URL = await testBrokerUrl();
@@ -121,14 +121,24 @@ async function drainRate(
   };
   const finished = async () => {
     const before = performance.now();
-    const total = await service.total();
-    return { total, at: (before + performance.now()) / 2 };
+    const text = await service.metrics();
+    return {
+      total: outcomes(text),
+      cpu: sample(text, 'process_cpu_seconds_total'),
+      at: (before + performance.now()) / 2,
+    };
   };
   while (n - (await ready()) < warmUp) await sleep(25);
   const start = await finished();
   while ((await ready()) > endReady) await sleep(25);
   const end = await finished();
-  return (end.total - start.total) / ((end.at - start.at) / 1000);
+  const tasks = end.total - start.total;
+  return {
+    rate: tasks / ((end.at - start.at) / 1000),
+    // The master's own CPU (user and system, from its /metrics) for each task between the
+    // two scrapes: what a task costs beside its own work, whatever its length.
+    masterCpuUsPerTask: ((end.cpu - start.cpu) * 1e6) / tasks,
+  };
 }
 
 /** Tiny tasks: the queue is filled first, then the service drains it. */
@@ -137,7 +147,7 @@ async function tiny(workers: number): Promise<number> {
   await channel.assertQueue(queue, { durable: true });
   await fill(queue, N, () => noopBody);
   const service = await startService(workers, queue);
-  const rate = await drainRate(queue, N, service, WARM_UP, N / 20);
+  const { rate } = await drainRate(queue, N, service, WARM_UP, N / 20);
   await service.stop();
   return rate;
 }
@@ -149,14 +159,14 @@ async function tiny(workers: number): Promise<number> {
  * scrape, and as much again of the bench's, taken from the two cores the workers need;
  * and the start counted from /health while the first tasks had begun before it.
  */
-async function cpuEfficiency(): Promise<number> {
+async function cpuEfficiency(): Promise<{ efficiency: number; masterCpuUsPerTask: number }> {
   const queue = `bench.cpu.${randomUUID().slice(0, 8)}`;
   await channel.assertQueue(queue, { durable: true });
   await fill(queue, CPU_TASKS, () => Buffer.from('{"func":"burn","args":[10]}'));
   const service = await startService(2, queue);
-  const rate = await drainRate(queue, CPU_TASKS, service, CPU_WARM_UP, 50);
+  const { rate, masterCpuUsPerTask } = await drainRate(queue, CPU_TASKS, service, CPU_WARM_UP, 50);
   await service.stop();
-  return (rate * 10) / 1000 / 2;
+  return { efficiency: (rate * 10) / 1000 / 2, masterCpuUsPerTask: Math.round(masterCpuUsPerTask) };
 }
 
 function percentile(values: number[], p: number): number {
@@ -253,9 +263,8 @@ async function latency(against: 'service' | 'raw', load: number, fixedRate?: num
 }
 
 /** One sample of the service's /metrics, in MB. */
-async function megabytes(s: ServiceProcess, sample: string): Promise<number> {
-  const line = (await s.metrics()).split('\n').find((l) => l.startsWith(`${sample} `));
-  return Number(line?.split(' ').at(-1)) / 2 ** 20;
+async function megabytes(s: ServiceProcess, name: string): Promise<number> {
+  return sample(await s.metrics(), name) / 2 ** 20;
 }
 
 /**
@@ -469,7 +478,8 @@ const result = {
       { perSecond: Math.round(r), ratio: +(r / raw).toFixed(3) },
     ]),
   ),
-  cpuBoundEfficiency: +efficiency.toFixed(3),
+  cpuBoundEfficiency: +efficiency.efficiency.toFixed(3),
+  masterCpuUsPerCpuBoundTask: efficiency.masterCpuUsPerTask,
   repliesVsRawReplier: +repliesRatio.toFixed(3),
   latencyMs: lat,
   rawReplierLatencyMs: rawLat,
@@ -506,6 +516,7 @@ else {
       result.repliesVsRawReplier.toFixed(3),
     ],
     ['CPU-bound 10 ms tasks, 2 workers: efficiency', f(result.cpuBoundEfficiency), ''],
+    ["CPU-bound 10 ms tasks: the master's CPU per task (µs)", String(result.masterCpuUsPerCpuBoundTask), ''],
     ...latencyRows('half load', lat, rawLat),
     ...latencyRows('90% load', lat90, rawLat90),
     [

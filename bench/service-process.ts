@@ -21,6 +21,20 @@ export interface ServiceProcess {
   stop: () => Promise<void>;
 }
 
+/** Outcomes in one /metrics text, all outcomes summed (amqp_concurrency_tasks_total). */
+export function outcomes(metricsText: string): number {
+  return metricsText
+    .split('\n')
+    .filter((l) => l.startsWith('amqp_concurrency_tasks_total{'))
+    .reduce((sum, l) => sum + Number(l.split(' ').at(-1)), 0);
+}
+
+/** One unlabelled sample of a /metrics text (NaN when absent). */
+export function sample(metricsText: string, name: string): number {
+  const line = metricsText.split('\n').find((l) => l.startsWith(`${name} `));
+  return Number(line?.split(' ').at(-1));
+}
+
 /** Starts the service on `queue` (exchange `<queue>.x`, bench/tasks.ts) and waits until /health says 200. */
 export async function startServiceProcess(opts: {
   amqpUrl: string;
@@ -52,11 +66,7 @@ export async function startServiceProcess(opts: {
     },
   );
   const metrics = async () => (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  const total = async () =>
-    (await metrics())
-      .split('\n')
-      .filter((l) => l.startsWith('amqp_concurrency_tasks_total{'))
-      .reduce((sum, l) => sum + Number(l.split(' ').at(-1)), 0);
+  const total = async () => outcomes(await metrics());
   for (;;) {
     try {
       if ((await fetch(`http://127.0.0.1:${port}/health`)).status === 200) break;
