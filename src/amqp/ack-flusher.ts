@@ -26,13 +26,24 @@ const ACK_DELAY_MS = 1;
 /** How long a delivery may hold back the acks above it before they go out alone (see #flushTimed). */
 const ACK_HOLD_MS = 5;
 /**
- * How long acks wait for a fence after the last one, at most: fences are one at a time and
- * batch what came meanwhile. Short, because what the session keeps of an acked delivery
- * lives until a fence answers: at 25 ms it outlived two scavenges under load and was
- * promoted, a task after a task, and the old generation and RSS grew with the task count
- * (docs/benchmarks.md). A fence is one small round trip: at most 200 a second.
+ * How long acks wait for a fence once FENCE_BATCH of them wait: fences are one at a time
+ * and batch what came meanwhile. Short under load, because what the session keeps of an
+ * acked delivery lives until a fence answers: at 25 ms it outlived two scavenges at
+ * tiny-task rates and was promoted, a task after a task, and the old generation and RSS
+ * grew with the task count (docs/benchmarks.md). A fence is one small round trip: at most
+ * 200 a second.
  */
 const FENCE_EVERY_MS = 5;
+/** Acks that make a fence due FENCE_EVERY_MS after the first of them; fewer wait up to FENCE_WITHIN_MS. */
+const FENCE_BATCH = 32;
+/**
+ * How long a few acks wait for their fence, at most. With long tasks each ack frame
+ * carries one or two acks: a fence 5 ms after each was a timer, a write, the broker's
+ * answer and two wake-ups of the master per frame, about a quarter of the master's CPU
+ * for a 10 ms task. A few acks kept 25 ms are a few small memos, and no scavenge sees
+ * them at such rates.
+ */
+const FENCE_WITHIN_MS = 25;
 /** A fence at least this often while the session lives, acks or not: a silent link is noticed in a lull too. */
 const FENCE_PROBE_MS = 2_000;
 
@@ -65,7 +76,11 @@ export class AckFlusher {
   readonly #fence: Fence | undefined;
   /** Tags written since the last fence was sent: the next fence covers them. */
   #unfenced: number[] = [];
+  /** When the first of #unfenced was written. */
+  #unfencedSince = 0;
   #fenceTimer: NodeJS.Timeout | undefined;
+  /** When #fenceTimer fires. */
+  #fenceAt = 0;
   #fenceDeadline: NodeJS.Timeout | undefined;
   #fenceInFlight = false;
   /** A moving average of fence round trips. */
@@ -180,18 +195,33 @@ export class AckFlusher {
       return;
     }
     if (sent.length > 0 && this.#fence !== undefined) {
+      if (this.#unfenced.length === 0) this.#unfencedSince = performance.now();
       for (const tag of sent) this.#unfenced.push(tag);
       this.#fenceSoon();
     }
   }
 
-  /** A fence soon, unless one is on its way: its answer sends the next one for what came meanwhile. */
+  /**
+   * A fence when it is due (FENCE_EVERY_MS after the first unfenced ack once FENCE_BATCH
+   * wait, else FENCE_WITHIN_MS), unless one is on its way: its answer sends the next one
+   * for what came meanwhile. One timer, moved earlier when the batch fills.
+   */
   #fenceSoon(): void {
-    if (this.#fenceInFlight || this.#fenceTimer !== undefined || this.#stopped) return;
-    this.#fenceTimer = setTimeout(() => this.#sendFence(), FENCE_EVERY_MS);
+    if (this.#fenceInFlight || this.#stopped) return;
+    const wait = this.#unfenced.length >= FENCE_BATCH ? FENCE_EVERY_MS : FENCE_WITHIN_MS;
+    // And never sooner than FENCE_EVERY_MS after the last one went: at most 200 a second.
+    const at = Math.max(this.#unfencedSince + wait, this.#lastFenceAt + FENCE_EVERY_MS);
+    if (this.#fenceTimer !== undefined) {
+      if (this.#fenceAt <= at) return;
+      clearTimeout(this.#fenceTimer);
+    }
+    this.#fenceAt = at;
+    this.#fenceTimer = setTimeout(() => this.#sendFence(), Math.max(0, at - performance.now()));
   }
 
   #sendFence(probe = false): void {
+    // A probe may come while a timed fence is armed: this one covers what that one would.
+    clearTimeout(this.#fenceTimer);
     this.#fenceTimer = undefined;
     const fence = this.#fence;
     if (fence === undefined || this.#stopped || (this.#unfenced.length === 0 && !probe)) return;

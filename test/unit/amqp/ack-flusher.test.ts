@@ -162,6 +162,47 @@ test('fences: acks written are confirmed when a fence after them is answered; on
   f.stop();
 });
 
+test('a few acks wait up to 25 ms for their fence; 32 or more, 5 ms after the first', async (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
+  const { ch } = channel();
+  let sent = 0;
+  const f = new AckFlusher(ch, 1_000, {
+    run: () => {
+      sent++;
+      return new Promise<void>(() => {});
+    },
+    onConfirmed: () => {},
+    onUnanswered: () => {},
+  });
+  t.after(() => f.stop());
+  for (let tag = 1; tag <= 40; tag++) f.delivered(tag);
+  // Two acks, flushed within ACK_DELAY_MS: their fence waits.
+  f.ack(1);
+  f.ack(2);
+  t.mock.timers.tick(1);
+  t.mock.timers.tick(10);
+  assert.equal(sent, 0, 'two acks: no fence 10 ms later');
+  t.mock.timers.tick(15);
+  assert.equal(sent, 1, 'but one 25 ms after them');
+  // The fence is unanswered (one at a time): a new flusher for the batch rule.
+  const g = new AckFlusher(ch, 1_000, {
+    run: () => {
+      sent++;
+      return new Promise<void>(() => {});
+    },
+    onConfirmed: () => {},
+    onUnanswered: () => {},
+  });
+  t.after(() => g.stop());
+  for (let tag = 1; tag <= 40; tag++) g.delivered(tag);
+  g.ack(1);
+  t.mock.timers.tick(1);
+  for (let tag = 2; tag <= 33; tag++) g.ack(tag);
+  t.mock.timers.tick(1);
+  t.mock.timers.tick(5);
+  assert.equal(sent, 2, '33 acks: the fence went 5 ms after the first, not 25');
+});
+
 test('a fence not answered by its deadline says the link is dead', async (t) => {
   t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
   const { ch } = channel();
@@ -174,8 +215,8 @@ test('a fence not answered by its deadline says the link is dead', async (t) => 
   f.delivered(1);
   f.ack(1);
   t.mock.timers.tick(1);
-  // The fence goes 5 ms after the acks it covers (FENCE_EVERY_MS); its deadline from then.
-  t.mock.timers.tick(5);
+  // A lone ack's fence goes 25 ms after it (FENCE_WITHIN_MS); its deadline from then.
+  t.mock.timers.tick(25);
   t.mock.timers.tick(2_999);
   assert.equal(unanswered, 0);
   t.mock.timers.tick(1);
