@@ -16,8 +16,10 @@ import type { ConsumeMessage } from 'amqplib';
 import type { Logger } from 'pino';
 import { ServiceError } from '../errors.ts';
 import { backoffDelay } from '../util/backoff.ts';
-import { AddressList, type BrokerConnection, isLoginRefused, openConnection, userOf } from './connection.ts';
+import { AddressList, type BrokerConnection, isLoginRefused, openConnection } from './connection.ts';
+import { ConsumerFlow } from './consumer-flow.ts';
 import { isConsumerTimeoutClose, sendsConsumerTimeout } from './consumer-timeout.ts';
+import { LoginRefusals } from './login-refusals.ts';
 import { ackFlushThreshold } from './prefetch.ts';
 import { ConsumerSession } from './session.ts';
 import { TimeoutNotices } from './timeout-notices.ts';
@@ -92,28 +94,33 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   #stopping = false;
   #wake: (() => void) | undefined;
   #loop: Promise<void> | undefined;
-  #prefetch: number;
-  /** A prefetch change in progress (the consumer being replaced); changes run one at a time. */
-  #swapping: Promise<void> = Promise.resolve();
+  /** The prefetch in force and the pause: the changes made to the live consumer. */
+  readonly #flow: ConsumerFlow;
   /** The address of the attempt under way, for the log and a refused login. */
   #attempting: string | undefined;
-  /** Logins refused in a row (see #loginRefused). */
-  #refusals = 0;
+  readonly #refusals: LoginRefusals;
   /** The broker refused x-consumer-timeout on this queue: consume without it from now on. */
   #timeoutRefused = false;
   readonly #timeoutNotices: TimeoutNotices;
   /** Aborted when stopping: a connect in progress is given up at once. */
   readonly #stop = new AbortController();
-  /** Consuming is paused (the master holds too much): sessions keep their channel but no consumer. */
-  #paused = false;
 
   constructor(opts: ConsumerOptions) {
     super();
     this.#opts = opts;
-    this.#prefetch = opts.prefetch;
     this.#addresses = opts.addresses ?? new AddressList(opts.urls);
     this.#log = opts.logger.child({ component: 'consumer' });
     this.#timeoutNotices = new TimeoutNotices(this.#log, opts.topology);
+    this.#refusals = new LoginRefusals(this.#addresses, this.#log);
+    this.#flow = new ConsumerFlow(
+      opts.prefetch,
+      {
+        session: () => this.#session,
+        stopping: () => this.#stopping,
+        consume: (session) => this.#consume(session),
+      },
+      this.#log,
+    );
   }
 
   get state(): ConsumerState {
@@ -122,79 +129,32 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
 
   /** The prefetch in force (and applied again on every reconnect). */
   get prefetch(): number {
-    return this.#prefetch;
+    return this.#flow.prefetch;
   }
 
   /**
-   * Changes the prefetch, for the live consumer now and on every later session. basic.qos
-   * (per consumer) binds only consumers started after it, so a live consumer is replaced:
-   * a new one starts under the new limit, then the old one is cancelled. Both deliver on
-   * the same channel, whose tags stay valid, so nothing in flight is disturbed.
+   * Changes the prefetch, for the live consumer now and on every later session
+   * (consumer-flow.ts): the live consumer is replaced by one under the new limit.
    */
   setPrefetch(count: number): Promise<void> {
-    this.#prefetch = count;
-    if (this.#session !== undefined) this.#session.acks.flushAt = ackFlushThreshold(count);
-    this.#swapping = this.#swapping.then(() => this.#swapConsumer(count));
-    return this.#swapping;
-  }
-
-  async #swapConsumer(count: number): Promise<void> {
-    const session = this.#session;
-    const oldTag = session?.consumerTag;
-    if (session === undefined || oldTag === undefined || this.#stopping) return;
-    const { connection, channel } = session;
-    try {
-      await connection.step('setting the prefetch', () => channel.prefetch(count));
-      if (this.#session !== session || this.#stopping) return;
-      session.consumerTag = await connection.step('starting a consumer', () => this.#consume(session));
-      await connection.step('cancelling the old consumer', () => channel.cancel(oldTag));
-    } catch (err) {
-      // The channel is going: the next session applies the new prefetch.
-      this.#log.warn({ err }, 'changing the prefetch failed');
-    }
+    return this.#flow.setPrefetch(count);
   }
 
   /** Whether consuming is paused (see pause()). */
   get paused(): boolean {
-    return this.#paused;
+    return this.#flow.paused;
   }
 
   /**
-   * Stops new deliveries for now (basic.cancel) and keeps the channel, so that what is in
-   * flight is still settled on it; resume() starts a consumer again. Used when the master
-   * holds more bytes than its budget: the broker keeps the rest.
+   * Stops new deliveries for now and keeps the channel, so that what is in flight is still
+   * settled on it; resume() starts a consumer again (consumer-flow.ts).
    */
   pause(): void {
-    if (this.#paused) return;
-    this.#paused = true;
-    this.#swapping = this.#swapping.then(async () => {
-      const session = this.#session;
-      const tag = session?.consumerTag;
-      if (session === undefined || tag === undefined || !this.#paused) return;
-      session.consumerTag = undefined;
-      await session.connection
-        .step('pausing the consumer', () => session.channel.cancel(tag))
-        .catch((err) => this.#log.warn({ err }, 'pausing the consumer failed'));
-    });
+    this.#flow.pause();
   }
 
   resume(): void {
-    if (!this.#paused) return;
-    this.#paused = false;
-    this.#swapping = this.#swapping.then(async () => {
-      const session = this.#session;
-      if (session === undefined || session.consumerTag !== undefined || this.#paused || this.#stopping)
-        return;
-      try {
-        // The prefetch may have changed while paused: basic.qos binds the consumer started next.
-        await session.connection.step('setting the prefetch', () => session.channel.prefetch(this.#prefetch));
-        session.consumerTag = await session.connection.step('resuming the consumer', () =>
-          this.#consume(session),
-        );
-      } catch (err) {
-        this.#log.warn({ err }, 'resuming the consumer failed');
-      }
-    });
+    this.#flow.resume();
   }
 
   get connected(): boolean {
@@ -272,7 +232,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#stopping = true;
     this.#stop.abort(new Error('connecting was abandoned: the service is stopping'));
     this.#wake?.();
-    await this.#swapping;
+    await this.#flow.settled;
     const session = this.#session;
     const tag = session?.consumerTag;
     if (session !== undefined && tag !== undefined) {
@@ -333,7 +293,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
         }
         if (this.#stopping) break;
         const url = this.#attempting;
-        if (url !== undefined && isLoginRefused(err)) this.#loginRefused(url, err);
+        if (url !== undefined && isLoginRefused(err)) this.#refusals.refused(url, err);
         else this.#log.warn({ err, broker: url && redactUrl(url) }, 'cannot reach the broker');
       }
       this.#setState(everConsumed ? 'reconnecting' : 'connecting');
@@ -390,15 +350,15 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
         }),
       );
       this.#timeoutNotices.declared(declared);
-      await connection.step('setting the prefetch', () => channel.prefetch(this.#prefetch));
+      await connection.step('setting the prefetch', () => channel.prefetch(this.#flow.prefetch));
       if (this.#stopping) {
         await connection.close();
         return { ended };
       }
-      session = new ConsumerSession(connection, channel, ackFlushThreshold(this.#prefetch), {
+      session = new ConsumerSession(connection, channel, ackFlushThreshold(this.#flow.prefetch), {
         memo: this.#opts.ackMemo,
         // basic.qos with the prefetch in force: cheap, answered in order after the acks.
-        run: () => channel.prefetch(this.#prefetch),
+        run: () => channel.prefetch(this.#flow.prefetch),
         onUnanswered: (waitedMs) => {
           this.#log.warn(
             { waitedMs: Math.round(waitedMs), broker: connection.address },
@@ -410,7 +370,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       this.#session = session;
       const live = session;
       // Paused (the master holds too much): the session is up, and resume() consumes.
-      if (this.#paused) {
+      if (this.#flow.paused) {
         this.#setState('consuming');
         return { ended };
       }
@@ -427,11 +387,11 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       connection.destroy('giving up on this attempt');
       throw err;
     }
-    this.#refusals = 0;
+    this.#refusals.accepted();
     this.#setState('consuming');
     this.#timeoutNotices.connected(connection);
     this.#log.info(
-      { queue: this.#opts.topology.queue, prefetch: this.#prefetch, broker: connection.address },
+      { queue: this.#opts.topology.queue, prefetch: this.#flow.prefetch, broker: connection.address },
       'consuming',
     );
     this.#opts.onConsuming?.(connection);
@@ -447,32 +407,6 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     if (wasLive) this.#session = undefined;
     if (session.drop() && wasLive && lost)
       this.#opts.onChannelLost?.({ session, uncertain: session.uncertain });
-  }
-
-  /**
-   * The broker refused the login. With an account list the next account is tried at once;
-   * once every address has been refused, one error line says what to do, and the retries
-   * after it (with backoff, in case the user is created meanwhile) say nothing more.
-   */
-  #loginRefused(url: string, err: unknown): void {
-    this.#addresses.refused(url);
-    this.#refusals++;
-    const size = this.#addresses.size;
-    if (this.#refusals < size) {
-      this.#log.info(
-        { broker: redactUrl(url) },
-        `the broker refused the login of ${userOf(url)}; trying the next`,
-      );
-      return;
-    }
-    if (this.#refusals > size) {
-      this.#log.debug({ err, broker: redactUrl(url) }, 'login refused again');
-      return;
-    }
-    const message = this.#addresses.isAccounts
-      ? `RabbitMQ refused every default login (${this.#addresses.all.map(userOf).join(', then ')}): give --amqp-url (AMQP_URL) with a user it has, or create testuser (npm run setup:broker); retrying quietly`
-      : `RabbitMQ refused the login of ${userOf(url)}${size > 1 ? ' on every address' : ''}: check the user and password in --amqp-url (AMQP_URL); retrying quietly`;
-    this.#log.error({ broker: redactUrl(url), err }, message);
   }
 
   /** Starts a consumer on the queue; its deliveries carry `session`, the one that may settle them. */
