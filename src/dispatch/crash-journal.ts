@@ -11,8 +11,21 @@
 // start-up, and it is written only when a master dies or a suspect is settled.
 import { createHash } from 'node:crypto';
 import { readFileSync, renameSync, writeFileSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { dirname, join } from 'node:path';
 import { privateFolder } from '../util/private-folder.ts';
+
+/** Deaths of the master while handling one message before it is dead-lettered as crashed. */
+export const CRASH_LIMIT = 3;
+
+/**
+ * The crash journal's file: per queue, in a folder of this user's own under --state-dir
+ * (the temporary folder by default, which survives a restart of the process and of its
+ * container, not a new container: see README).
+ */
+export function crashJournalPath(stateDir: string, queue: string): string {
+  const user = process.getuid?.() ?? 'user';
+  return join(stateDir, `amqp-concurrency-${user}`, `${encodeURIComponent(queue)}.crashes.json`);
+}
 
 /** How many suspects the file keeps: the newest (a crash loop is one message, or a few). */
 const MAX_ENTRIES = 100;

@@ -1,21 +1,19 @@
 // The service whole: pool, consuming and publishing connections, dispatcher, metrics and
 // HTTP, built from a Config. It never touches `process`: the CLI owns signals and exit
 // codes, so tests can build and stop a service in-process.
-import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { Registry } from 'prom-client';
-import { AddressList, userOf } from '../amqp/connection.ts';
+import { AddressList } from '../amqp/connection.ts';
 import { AmqpConsumer } from '../amqp/consumer.ts';
-import { neededConsumerTimeoutMs } from '../amqp/consumer-timeout.ts';
 import { listenForOrders } from '../amqp/control.ts';
 import { DEFAULT_URLS } from '../amqp/defaults.ts';
-import { AutoPrefetch, MAX_PER_WORKER, perWorkerShare, resizedPrefetch } from '../amqp/prefetch.ts';
+import { AutoPrefetch, resizedPrefetch } from '../amqp/prefetch.ts';
 import { AmqpPublisher } from '../amqp/publisher.ts';
-import { deadLetterQueueName, retryDelays, type Topology } from '../amqp/topology.ts';
+import { deadLetterQueueName } from '../amqp/topology.ts';
 import { redactUrl, splitUrls } from '../amqp/url.ts';
 import { type Config, WORKER_RSS_MB } from '../config/option-table.ts';
-import { CrashJournal } from '../dispatch/crash-journal.ts';
+import { CRASH_LIMIT, CrashJournal, crashJournalPath } from '../dispatch/crash-journal.ts';
 import { Dispatcher } from '../dispatch/dispatcher.ts';
 import { finishedMemo } from '../dispatch/work.ts';
 import { ServiceError } from '../errors.ts';
@@ -33,7 +31,9 @@ import type { TaskTracer } from '../telemetry/task-tracer.ts';
 import { settlesWithin } from '../util/deadline.ts';
 import { deadOverHttp } from './dead-over-http.ts';
 import { healthReport } from './health.ts';
+import { LiveTopology } from './live-topology.ts';
 import { Replicas } from './replicas.ts';
+import { startNotices } from './start-notices.ts';
 
 export interface ServiceOptions {
   config: Config;
@@ -49,24 +49,8 @@ export interface ServiceOptions {
   tracing?: TracingConfig;
 }
 
-/** Tokens that ship in examples (docker-compose.yml): a service that runs with one is warned about. */
-const PLACEHOLDER_TOKENS = new Set(['change-me']);
-
 /** The longest a task waits for its function's concurrency or rate before it goes back through a delay queue. */
 const MAX_HELD_BACK_MS = 2 * 60_000;
-
-/** Deaths of the master while handling one message before it is dead-lettered as crashed. */
-export const CRASH_LIMIT = 3;
-
-/**
- * The crash journal's file: per queue, in a folder of this user's own under --state-dir
- * (the temporary folder by default, which survives a restart of the process and of its
- * container, not a new container: see README).
- */
-export function crashJournalPath(stateDir: string, queue: string): string {
-  const user = process.getuid?.() ?? 'user';
-  return join(stateDir, `amqp-concurrency-${user}`, `${encodeURIComponent(queue)}.crashes.json`);
-}
 
 /** How the service ended: the exit code the CLI should use, and why. */
 export interface ServiceExit {
@@ -89,12 +73,10 @@ export class Service {
   readonly #log: Logger;
   readonly #crashJournal: CrashJournal;
   #draining: Promise<ServiceExit> | undefined;
-  readonly #topology: Topology;
+  /** The topology every connect declares, kept up to date (live-topology.ts). */
+  readonly #topology: LiveTopology;
   readonly #tracing: TracingConfig | undefined;
-  /** Delay queues declared or being declared, by TTL. */
-  readonly #declaringSteps = new Map<number, Promise<void>>();
   #tracer: TaskTracer | undefined;
-  readonly #holds: { workerTimeout: number; killGrace: number; perWorker: number };
   /** Where a dead-letter pass over HTTP connects: the service's own addresses. */
   readonly #deadAddresses: AddressList;
   readonly #replicas: Replicas;
@@ -129,27 +111,9 @@ export class Service {
     const addresses = config.amqpUrlGiven ? undefined : AddressList.accounts(urls);
     const connectTimeoutMs = config.connectTimeout * 1000;
     this.#deadAddresses = addresses ?? new AddressList(urls);
-    const holds = {
-      workerTimeout: config.workerTimeout,
-      killGrace: config.killGrace,
-      perWorker: config.prefetchAuto ? MAX_PER_WORKER : perWorkerShare(config.prefetch, config.workers),
-    };
-    const topology: Topology = {
-      exchange: config.exchange,
-      queue: config.queue,
-      routingKey: config.routingKey,
-      queueType: config.queueType,
-      deliveryLimit: config.deliveryLimit,
-      retryDelaysMs: retryDelays(config.maxRetries, config.retryDelay * 1000, config.retryDelayMax * 1000),
-      maxPriority: config.maxPriority,
-      delaySteps: new Set(),
-      // Past the longest a delivery can wait here (a fixed window keeps its share per
-      // worker; the automatic one is bounded): the broker's timeout never fires first.
-      // Raised in start() when a task declares a longer time limit of its own.
-      consumerTimeoutMs: neededConsumerTimeoutMs(holds),
-    };
-    this.#topology = topology;
-    this.#holds = holds;
+    const live = new LiveTopology(config, logger);
+    this.#topology = live;
+    const topology = live.topology;
     this.publisher = new AmqpPublisher({
       urls,
       ...(addresses === undefined ? {} : { addresses }),
@@ -158,6 +122,7 @@ export class Service {
       logger,
       ...(opts.publishTimeoutMs === undefined ? {} : { publishTimeoutMs: opts.publishTimeoutMs }),
     });
+    live.declare = () => this.publisher.declare();
     this.consumer = new AmqpConsumer({
       urls,
       ...(addresses === undefined ? {} : { addresses }),
@@ -209,7 +174,7 @@ export class Service {
       deadLetterQueue: deadLetterQueueName(config.queue),
       maxMessageBytes: config.maxMessageBytes,
       retryDelaysMs: topology.retryDelaysMs,
-      declareDelayQueue: (stepMs) => this.#declareDelayQueue(stepMs),
+      declareDelayQueue: (stepMs) => live.declareDelayQueue(stepMs),
       retryBaseMs: config.retryDelay * 1000,
       retryMaxMs: config.retryDelayMax * 1000,
       crashJournal: this.#crashJournal,
@@ -239,7 +204,7 @@ export class Service {
     this.pool.on('restart', (reason) => this.metrics.workerRestarts.inc({ reason }));
     this.pool.on('heldBack', (func, limit) => this.metrics.heldBack.inc({ func, limit }));
     this.pool.on('limits', () => {
-      if (this.consumer.state !== 'connecting') this.#fitConsumerTimeout(true);
+      if (this.consumer.state !== 'connecting') this.#topology.fitConsumerTimeout(this.pool.limits, true);
     });
     this.pool.on('fatal', (err) => this.#fail(err, 1));
     this.consumer.on('reconnected', () => this.metrics.amqpReconnects.inc());
@@ -275,20 +240,7 @@ export class Service {
       },
       'starting',
     );
-    const journalProblem = this.#crashJournal.problem;
-    if (journalProblem !== undefined)
-      this.#log.warn(
-        { problem: journalProblem },
-        `the crash journal cannot be kept: a message that stops the master is not dead-lettered after ${CRASH_LIMIT} deaths; give --state-dir a folder of this user's`,
-      );
-    if (config.shutdownToken !== undefined && PLACEHOLDER_TOKENS.has(config.shutdownToken))
-      this.#log.warn(
-        'SHUTDOWN_TOKEN is a placeholder (change-me): anyone who can reach the HTTP port can stop the service; set a secret of your own',
-      );
-    if (!config.amqpUrlGiven)
-      this.#log.info(
-        `no --amqp-url given: logging in as ${DEFAULT_URLS.map(userOf).join(', then as ')} on localhost (the "consuming" line says which)`,
-      );
+    startNotices(config, this.#crashJournal.problem, this.#log);
     if (this.#tracing !== undefined) {
       const { startTracing } = await import('../telemetry/tracing.ts');
       this.#tracer = await startTracing(this.#tracing);
@@ -303,7 +255,7 @@ export class Service {
       );
     }
     await this.pool.start();
-    this.#fitConsumerTimeout();
+    this.#topology.fitConsumerTimeout(this.pool.limits);
     try {
       await this.http.listen({ host: config.httpHost, port: config.httpPort });
     } catch (err) {
@@ -350,48 +302,6 @@ export class Service {
       prefetch: this.consumer.prefetch,
       funcs: this.pool.funcStatus(),
     };
-  }
-
-  /**
-   * A task that declares a longer time limit (or grace) than the flags' makes the longest
-   * hold longer: the work queue's consumer timeout follows, before the first declaration.
-   */
-  #fitConsumerTimeout(reloaded = false): void {
-    let workerTimeout = this.#holds.workerTimeout;
-    let killGrace = this.#holds.killGrace;
-    for (const limits of Object.values(this.pool.limits)) {
-      if (limits.timeoutMs !== undefined) workerTimeout = Math.max(workerTimeout, limits.timeoutMs / 1000);
-      if (limits.killGraceMs !== undefined) killGrace = Math.max(killGrace, limits.killGraceMs / 1000);
-    }
-    const needed = neededConsumerTimeoutMs({ ...this.#holds, workerTimeout, killGrace });
-    const declared = this.#topology.consumerTimeoutMs;
-    this.#topology.consumerTimeoutMs = needed;
-    // After a reload: the queue keeps the value it was declared with (a queue's arguments
-    // never change); the next consumer asks for the new one where the broker honours it.
-    if (reloaded && declared !== undefined && needed > declared)
-      this.#log.warn(
-        { neededMs: needed, declaredMs: declared },
-        "the reloaded task code allows longer runs than the work queue's consumer timeout: restart the service so that the broker's timeout covers them",
-      );
-  }
-
-  /**
-   * A delay queue is declared when first used (topology.ts): added to the topology, which
-   * every later (re)connect declares, and declared now on the publishing connection. Once
-   * per TTL; a failure is tried again with the next delayed message.
-   */
-  #declareDelayQueue(stepMs: number): Promise<void> {
-    const steps = this.#topology.delaySteps as Set<number>;
-    let declaring = this.#declaringSteps.get(stepMs);
-    if (declaring === undefined) {
-      steps.add(stepMs);
-      declaring = this.publisher.declare().catch((err: unknown) => {
-        this.#declaringSteps.delete(stepMs);
-        throw err;
-      });
-      this.#declaringSteps.set(stepMs, declaring);
-    }
-    return declaring;
   }
 
   /** Cancels a task by message id (DELETE /tasks/{id}): here and on every other replica. */

@@ -6,7 +6,7 @@ import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { test } from 'node:test';
 import { fileURLToPath } from 'node:url';
-import { crashJournalPath } from '../../src/service/service.ts';
+import { crashJournalPath } from '../../src/dispatch/crash-journal.ts';
 import {
   broker,
   cliArgs,
