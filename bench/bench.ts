@@ -515,7 +515,7 @@ else {
       `${lat.maxRate + lat90.maxRate}/s vs ${rawLat.maxRate + rawLat90.maxRate}/s (two runs each)`,
       result.repliesVsRawReplier.toFixed(3),
     ],
-    ['CPU-bound 10 ms tasks, 2 workers: efficiency', f(result.cpuBoundEfficiency), ''],
+    ['CPU-bound 10 ms tasks, 2 workers: efficiency', result.cpuBoundEfficiency.toFixed(3), ''],
     ["CPU-bound 10 ms tasks: the master's CPU per task (µs)", String(result.masterCpuUsPerCpuBoundTask), ''],
     ...latencyRows('half load', lat, rawLat),
     ...latencyRows('90% load', lat90, rawLat90),
