@@ -166,38 +166,33 @@ test('a few acks wait up to 25 ms for their fence; 32 or more, 5 ms after the fi
   t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
   const { ch } = channel();
   let sent = 0;
-  const f = new AckFlusher(ch, 1_000, {
-    run: () => {
-      sent++;
-      return new Promise<void>(() => {});
-    },
-    onConfirmed: () => {},
-    onUnanswered: () => {},
-  });
-  t.after(() => f.stop());
-  for (let tag = 1; tag <= 40; tag++) f.delivered(tag);
+  // Fences never answered, so each flusher sends one at most: one flusher per rule.
+  const flusher = () => {
+    const f = new AckFlusher(ch, 1_000, {
+      run: () => {
+        sent++;
+        return new Promise<void>(() => {});
+      },
+      onConfirmed: () => {},
+      onUnanswered: () => {},
+    });
+    t.after(() => f.stop());
+    for (let tag = 1; tag <= 40; tag++) f.delivered(tag);
+    return f;
+  };
+  const few = flusher();
   // Two acks, flushed within ACK_DELAY_MS: their fence waits.
-  f.ack(1);
-  f.ack(2);
+  few.ack(1);
+  few.ack(2);
   t.mock.timers.tick(1);
   t.mock.timers.tick(10);
   assert.equal(sent, 0, 'two acks: no fence 10 ms later');
   t.mock.timers.tick(15);
   assert.equal(sent, 1, 'but one 25 ms after them');
-  // The fence is unanswered (one at a time): a new flusher for the batch rule.
-  const g = new AckFlusher(ch, 1_000, {
-    run: () => {
-      sent++;
-      return new Promise<void>(() => {});
-    },
-    onConfirmed: () => {},
-    onUnanswered: () => {},
-  });
-  t.after(() => g.stop());
-  for (let tag = 1; tag <= 40; tag++) g.delivered(tag);
-  g.ack(1);
+  const many = flusher();
+  many.ack(1);
   t.mock.timers.tick(1);
-  for (let tag = 2; tag <= 33; tag++) g.ack(tag);
+  for (let tag = 2; tag <= 33; tag++) many.ack(tag);
   t.mock.timers.tick(1);
   t.mock.timers.tick(5);
   assert.equal(sent, 2, '33 acks: the fence went 5 ms after the first, not 25');
