@@ -26,22 +26,23 @@ const ACK_DELAY_MS = 1;
 /** How long a delivery may hold back the acks above it before they go out alone (see #flushTimed). */
 const ACK_HOLD_MS = 5;
 /**
- * How long acks wait for a fence once FENCE_BATCH of them wait: fences are one at a time
- * and batch what came meanwhile. Short under load, because what the session keeps of an
- * acked delivery lives until a fence answers: at 25 ms it outlived two scavenges at
- * tiny-task rates and was promoted, a task after a task, and the old generation and RSS
- * grew with the task count (docs/benchmarks.md). A fence is one small round trip: at most
- * 200 a second.
+ * How long acks wait for a fence once FENCE_BATCH of them wait, and the least time between
+ * one fence's answer and the next fence: fences are one at a time and batch what came
+ * meanwhile. Short under load, because what the session keeps of an acked delivery lives
+ * until a fence answers: at 25 ms it outlived two scavenges at tiny-task rates and was
+ * promoted, a task after a task, and the old generation and RSS grew with the task count
+ * (docs/benchmarks.md). A fence is one small round trip: fewer than 200 a second.
  */
 const FENCE_EVERY_MS = 5;
 /** Acks that make a fence due FENCE_EVERY_MS after the first of them; fewer wait up to FENCE_WITHIN_MS. */
 const FENCE_BATCH = 32;
 /**
- * How long a few acks wait for their fence, at most. With long tasks each ack frame
- * carries one or two acks: a fence 5 ms after each was a timer, a write, the broker's
- * answer and two wake-ups of the master per frame, about a quarter of the master's CPU
- * for a 10 ms task. A few acks kept 25 ms are a few small memos, and no scavenge sees
- * them at such rates.
+ * How long fewer than FENCE_BATCH acks wait for their fence, at most. With long tasks each
+ * ack frame carries one or two acks: a fence 5 ms after each was a timer, a write, the
+ * broker's answer and two wake-ups of the master per frame, about a quarter of the
+ * master's JavaScript time for a 10 ms task. What waits longer is at most 31 small memos
+ * (up to some 1,300 acks a second); at tiny-task rates the batch fills within a
+ * millisecond and the 5 ms rule applies.
  */
 const FENCE_WITHIN_MS = 25;
 /** A fence at least this often while the session lives, acks or not: a silent link is noticed in a lull too. */
@@ -87,6 +88,8 @@ export class AckFlusher {
   #roundTripMs: number | undefined;
   #probe: NodeJS.Timeout | undefined;
   #lastFenceAt = performance.now();
+  /** When the last fence was answered: the next one goes FENCE_EVERY_MS after it at the soonest. */
+  #lastAnswerAt = Number.NEGATIVE_INFINITY;
 
   constructor(channel: Channel, flushAt: number, fence?: Fence) {
     this.#channel = channel;
@@ -209,8 +212,9 @@ export class AckFlusher {
   #fenceSoon(): void {
     if (this.#fenceInFlight || this.#stopped) return;
     const wait = this.#unfenced.length >= FENCE_BATCH ? FENCE_EVERY_MS : FENCE_WITHIN_MS;
-    // And never sooner than FENCE_EVERY_MS after the last one went: at most 200 a second.
-    const at = Math.max(this.#unfencedSince + wait, this.#lastFenceAt + FENCE_EVERY_MS);
+    // And never sooner than FENCE_EVERY_MS after the last answer: under load, a fence's
+    // round trip plus 5 ms apart, as they always were.
+    const at = Math.max(this.#unfencedSince + wait, this.#lastAnswerAt + FENCE_EVERY_MS);
     if (this.#fenceTimer !== undefined) {
       if (this.#fenceAt <= at) return;
       clearTimeout(this.#fenceTimer);
@@ -239,7 +243,8 @@ export class AckFlusher {
         clearTimeout(this.#fenceDeadline);
         this.#fenceInFlight = false;
         if (this.#stopped) return;
-        const ms = performance.now() - sentAt;
+        this.#lastAnswerAt = performance.now();
+        const ms = this.#lastAnswerAt - sentAt;
         this.#roundTripMs = this.#roundTripMs === undefined ? ms : this.#roundTripMs * 0.8 + ms * 0.2;
         if (covered.length > 0) fence.onConfirmed(covered);
         if (this.#unfenced.length > 0) this.#fenceSoon();

@@ -162,8 +162,15 @@ test('fences: acks written are confirmed when a fence after them is answered; on
   f.stop();
 });
 
-test('a few acks wait up to 25 ms for their fence; 32 or more, 5 ms after the first', async (t) => {
+test('a few acks wait 25 ms for their fence; once 32 wait, it goes 5 ms after the first', async (t) => {
+  // The flusher reads performance.now(): mocked with the timers, so that one clock decides.
   t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
+  let clock = 1_000;
+  t.mock.method(performance, 'now', () => clock);
+  const advance = (ms: number) => {
+    clock += ms;
+    t.mock.timers.tick(ms);
+  };
   const { ch } = channel();
   let sent = 0;
   // Fences never answered, so each flusher sends one at most: one flusher per rule.
@@ -181,21 +188,24 @@ test('a few acks wait up to 25 ms for their fence; 32 or more, 5 ms after the fi
     return f;
   };
   const few = flusher();
-  // Two acks, flushed within ACK_DELAY_MS: their fence waits.
   few.ack(1);
   few.ack(2);
-  t.mock.timers.tick(1);
-  t.mock.timers.tick(10);
-  assert.equal(sent, 0, 'two acks: no fence 10 ms later');
-  t.mock.timers.tick(15);
-  assert.equal(sent, 1, 'but one 25 ms after them');
+  advance(1); // written within ACK_DELAY_MS: the fence counts from here
+  advance(24);
+  assert.equal(sent, 0, 'two acks: no fence 24 ms after they were written');
+  advance(1);
+  assert.equal(sent, 1, 'but one 25 ms after');
+
   const many = flusher();
   many.ack(1);
-  t.mock.timers.tick(1);
+  advance(1); // the first ack written: the fence counts from here
+  advance(2);
   for (let tag = 2; tag <= 33; tag++) many.ack(tag);
-  t.mock.timers.tick(1);
-  t.mock.timers.tick(5);
-  assert.equal(sent, 2, '33 acks: the fence went 5 ms after the first, not 25');
+  advance(1); // 32 more written, 3 ms after the first
+  advance(1);
+  assert.equal(sent, 1, 'not 4 ms after the first was written');
+  advance(1);
+  assert.equal(sent, 2, '33 acks: the fence went 5 ms after the first, not 5 after the batch filled');
 });
 
 test('a fence not answered by its deadline says the link is dead', async (t) => {
