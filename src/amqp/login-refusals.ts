@@ -1,8 +1,8 @@
 // What the consumer says when the broker refuses its login, and when. With an account
 // list the next account is tried at once, with a line of news; once every address has
 // been refused, one error line says what to do, and the retries after it (with backoff,
-// in case the user is created meanwhile) say nothing more. A login that works starts the
-// count again.
+// in case the user is created meanwhile) say nothing more. A session that starts
+// consuming starts the count again.
 import type { Logger } from 'pino';
 import { type AddressList, userOf } from './connection.ts';
 import { redactUrl } from './url.ts';

@@ -14,13 +14,15 @@ export class LiveTopology {
   readonly topology: Topology;
   readonly #holds: HoldLimits;
   readonly #log: Logger;
-  /** Declares the topology on the publishing connection (set once the publisher exists). */
-  #declare: () => Promise<void> = () => Promise.resolve();
+  /** Declares the topology now, on the publishing connection. */
+  readonly #declare: () => Promise<void>;
   /** Delay queues declared or being declared, by TTL. */
   readonly #declaringSteps = new Map<number, Promise<void>>();
 
-  constructor(config: Config, log: Logger) {
+  /** `declare`: declares the topology on the publishing connection (called only once consuming may run). */
+  constructor(config: Config, log: Logger, declare: () => Promise<void>) {
     this.#log = log;
+    this.#declare = declare;
     this.#holds = {
       workerTimeout: config.workerTimeout,
       killGrace: config.killGrace,
@@ -40,11 +42,6 @@ export class LiveTopology {
       // Raised by fitConsumerTimeout when a task declares a longer time limit of its own.
       consumerTimeoutMs: neededConsumerTimeoutMs(this.#holds),
     };
-  }
-
-  /** How a delay queue is declared now: on the publishing connection. */
-  set declare(declare: () => Promise<void>) {
-    this.#declare = declare;
   }
 
   /**

@@ -111,7 +111,8 @@ export class Service {
     const addresses = config.amqpUrlGiven ? undefined : AddressList.accounts(urls);
     const connectTimeoutMs = config.connectTimeout * 1000;
     this.#deadAddresses = addresses ?? new AddressList(urls);
-    const live = new LiveTopology(config, logger);
+    // The publisher is built below: the declare is called only once deliveries flow.
+    const live = new LiveTopology(config, logger, () => this.publisher.declare());
     this.#topology = live;
     const topology = live.topology;
     this.publisher = new AmqpPublisher({
@@ -122,7 +123,6 @@ export class Service {
       logger,
       ...(opts.publishTimeoutMs === undefined ? {} : { publishTimeoutMs: opts.publishTimeoutMs }),
     });
-    live.declare = () => this.publisher.declare();
     this.consumer = new AmqpConsumer({
       urls,
       ...(addresses === undefined ? {} : { addresses }),
