@@ -1,8 +1,9 @@
 // One timer per worker slot for the running task's time limit, not one per task: tiny
 // tasks start and end tens of thousands of times a second, and a timer made and cleared
 // for each was a per-task cost. The watch fires by the earliest time it was asked for;
-// asked for a later one it keeps the earlier, and the slot, when it fires, looks at the
-// task running then and asks again for that task's deadline if it is not due.
+// asked for a later one it keeps the earlier, and the task stop (task-stop.ts), when it
+// fires, looks at the task running then and asks again for that task's deadline if it is
+// not due.
 
 export class LimitWatch {
   readonly #onFire: () => void;

@@ -1,15 +1,15 @@
 // One worker slot of the pool, after piscina's WorkerInfo and undici's Client: everything
 // that belongs to one worker lives here and only here changes it: its process, the tasks
-// handed to it (the first runs, the rest wait in the child in order), the master's
-// deadline timers for them, its lifecycle (starting, up, on its way out, stopping) and
-// why it is leaving or was killed. The pool asks it questions and gives it orders; it
-// reports back through events, and when it ends it gives back every task it held.
+// handed to it (the first runs, the rest wait in the child in order), its lifecycle
+// (starting, up, on its way out, stopping) and why it is leaving or was killed. The pool
+// asks it questions and gives it orders; it reports back through events, and when it
+// ends it gives back every task it held.
 //
-// The deadline is the master's, on the monotonic clock: a stuck child cannot stop its
-// own kill. One watch per slot (limit-watch.ts) keeps the running task's time limit. A
-// kill is never the end of the story by itself: the exit is awaited (after the results
-// pipe has been read to its end, so results the child wrote before dying are counted),
-// and only then are its remaining tasks resolved, as task-end.ts says.
+// How its running task is stopped, at its time limit or by a cancel, is task-stop.ts's,
+// on the master's clock. A kill is never the end of the story by itself: the exit is
+// awaited (after the results pipe has been read to its end, so results the child wrote
+// before dying are counted), and only then are its remaining tasks resolved, as
+// task-end.ts says.
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
 import { type ServiceError, serializeError, taskFailure } from '../errors.ts';
@@ -18,8 +18,8 @@ import type { TaskLimits } from '../ipc/task-options.ts';
 import { Child } from './child.ts';
 import { mayHoldMore } from './hold-rule.ts';
 import type { Job } from './job.ts';
-import { LimitWatch } from './limit-watch.ts';
 import { endAtExit, endOfResult } from './task-end.ts';
+import { TaskStop } from './task-stop.ts';
 
 /** Why a worker is on its way out: it finishes its running task first. */
 export type LeaveReason = 'scale' | 'reload' | 'recycle';
@@ -99,8 +99,8 @@ export class Slot extends EventEmitter<SlotEvents> {
   #takeBackAsked = false;
   /** What the child did wrong, when it broke the protocol. */
   #protocolProblem: string | undefined;
-  /** The running task's time limit. */
-  readonly #limitWatch = new LimitWatch(() => this.#onLimitWatch());
+  /** How its running task is stopped: at its time limit, or by a cancel (task-stop.ts). */
+  readonly #taskStop: TaskStop;
   tasksDone = 0;
 
   constructor(opts: SlotOptions) {
@@ -116,6 +116,18 @@ export class Slot extends EventEmitter<SlotEvents> {
       maxLineBytes: opts.maxResultBytes * 6 + 64 * 1024,
     });
     this.#log = opts.logger;
+    this.#taskStop = new TaskStop({
+      log: this.#log,
+      running: () => this.#jobs[0],
+      ending: () => this.#killedFor !== undefined,
+      pid: () => this.pid,
+      timeoutOf: (job) => this.#timeoutOf(job),
+      graceOf: (job) => this.#graceOf(job),
+      abort: (job, reason, cancel) =>
+        this.#child.send({ type: 'abort', taskId: job.taskId, reason, ...(cancel ? { cancel: true } : {}) }),
+      takeBack: () => this.takeBack(),
+      kill: (why) => this.#kill(why),
+    });
     this.#child.on('done', (lines) => this.#onResults(lines));
     this.#child.on('cancelled', (msg) => this.#onCancelled(msg));
     this.#child.on('protocolError', (problem) => this.#onProtocolError(problem));
@@ -226,7 +238,7 @@ export class Slot extends EventEmitter<SlotEvents> {
   hand(jobs: Job[]): void {
     const wasIdle = this.#jobs.length === 0;
     this.#jobs.push(...jobs);
-    if (wasIdle) this.#startClock(this.#jobs[0] as Job);
+    if (wasIdle) this.#taskStop.started(this.#jobs[0] as Job);
     try {
       if (!this.#send(jobs)) this.#undeliverable(jobs);
     } catch {
@@ -253,7 +265,7 @@ export class Slot extends EventEmitter<SlotEvents> {
       job.startedAt = 0;
     }
     const next = this.#jobs[0];
-    if (wasRunning && next !== undefined) this.#startClock(next);
+    if (wasRunning && next !== undefined) this.#taskStop.started(next);
     // Not from inside the dispatch that handed them over: after it.
     queueMicrotask(() => this.emit('returned', jobs));
   }
@@ -285,7 +297,7 @@ export class Slot extends EventEmitter<SlotEvents> {
       durationMs: 0,
     });
     const next = this.#jobs[0];
-    if (wasRunning && next !== undefined) this.#startClock(next);
+    if (wasRunning && next !== undefined) this.#taskStop.started(next);
   }
 
   /**
@@ -300,29 +312,11 @@ export class Slot extends EventEmitter<SlotEvents> {
     const again = job.cancelled;
     job.cancelled = true;
     if (this.#jobs[0] === job) {
-      if (!again) this.#stopCancelled(job);
+      if (!again) this.#taskStop.cancelled(job);
       return 'running';
     }
     this.takeBack();
     return 'queued';
-  }
-
-  #stopCancelled(job: Job): void {
-    if (this.#jobs[0] !== job || job.ended || this.#killedFor !== undefined) return;
-    const graceMs = this.#graceOf(job);
-    const fields = { pid: this.pid, taskId: job.taskId, func: job.request.func, killGraceMs: graceMs };
-    this.#log.warn(fields, 'task cancelled; aborting it');
-    // Past its time limit already: its signal has fired and its kill is counting down.
-    if (job.timedOut && job.timer !== undefined) return;
-    this.#child.send({ type: 'abort', taskId: job.taskId, reason: 'the task was cancelled', cancel: true });
-    this.takeBack();
-    clearTimeout(job.timer);
-    job.timer = setTimeout(() => {
-      job.timer = undefined;
-      if (this.#jobs[0] !== job || job.ended) return;
-      this.#log.warn(fields, 'cancelled task did not stop in its grace; killing its worker');
-      this.#kill('cancel');
-    }, graceMs);
   }
 
   /** Asks the child for the tasks it holds and has not started (answered by `cancelled`). */
@@ -375,61 +369,6 @@ export class Slot extends EventEmitter<SlotEvents> {
     else this.#phase = { name: 'stopping', killedFor: why, wasUp: this.isUp };
   }
 
-  #startClock(job: Job): void {
-    // A task handed back (a cancel) and handed out again may still carry its old timer.
-    clearTimeout(job.timer);
-    job.timer = undefined;
-    const now = performance.now();
-    job.startedAt = now;
-    // Cancelled while it waited in the child, which started it before it could give it back.
-    if (job.cancelled) {
-      queueMicrotask(() => this.#stopCancelled(job));
-      return;
-    }
-    job.deadlineAt = now + this.#timeoutOf(job);
-    this.#limitWatch.watch(job.deadlineAt, now);
-    job.request.onStart?.();
-  }
-
-  /** The watch fired: the task running now is past its time limit, or the watch sleeps until it is. */
-  #onLimitWatch(): void {
-    const job = this.#jobs[0];
-    if (job === undefined || job.ended || job.cancelled || job.timedOut || job.startedAt === 0) return;
-    const now = performance.now();
-    // Node's timers count whole milliseconds: one may fire a fraction early.
-    if (now < job.deadlineAt - 1) this.#limitWatch.watch(job.deadlineAt, now);
-    else this.#timeLimit(job);
-  }
-
-  /**
-   * The time limit: abort and allow the grace, or kill now. One turn of the event loop
-   * first: timers run before the master reads its pipes, and a result waiting there
-   * (the master was busy, or frozen) means the task finished in time.
-   */
-  #timeLimit(job: Job): void {
-    setImmediate(() => this.#pastTimeLimit(job));
-  }
-
-  #pastTimeLimit(job: Job): void {
-    if (this.#jobs[0] !== job || job.ended || job.cancelled) return;
-    job.timedOut = true;
-    const fields = { pid: this.pid, taskId: job.taskId, func: job.request.func };
-    const graceMs = this.#graceOf(job);
-    if (graceMs > 0) {
-      this.#log.warn({ ...fields, killGraceMs: graceMs }, 'task reached its time limit; aborting it');
-      this.#child.send({ type: 'abort', taskId: job.taskId, reason: 'the task reached its time limit' });
-      this.takeBack();
-      job.timer = setTimeout(() => {
-        if (this.#jobs[0] !== job || job.ended) return;
-        this.#log.warn(fields, 'task did not stop in its grace; killing its worker');
-        this.#kill('timeout');
-      }, graceMs);
-      return;
-    }
-    this.#log.warn(fields, 'task timed out; killing its worker');
-    this.#kill('timeout');
-  }
-
   #onResults(lines: ResultLine[]): void {
     for (const line of lines) {
       const job = this.#jobs[0];
@@ -447,7 +386,7 @@ export class Slot extends EventEmitter<SlotEvents> {
       job.end(endOfResult(job, line, durationMs, this.#timeoutOf(job)));
       // The child starts the next one as it reports this one: so does its clock.
       const next = this.#jobs[0];
-      if (next !== undefined) this.#startClock(next);
+      if (next !== undefined) this.#taskStop.started(next);
     }
     this.#afterTasks();
   }
@@ -488,7 +427,7 @@ export class Slot extends EventEmitter<SlotEvents> {
     const phase = this.#phase;
     const wasUp = phase.name === 'stopping' || phase.name === 'exited' ? phase.wasUp : this.isUp;
     this.#phase = { name: 'exited', killedFor: this.#killedFor, wasUp };
-    this.#limitWatch.stop();
+    this.#taskStop.stop();
     const [running, ...waiting] = this.#jobs;
     this.#jobs = [];
     if (running !== undefined) {
