@@ -12,42 +12,22 @@
 // session (session.ts) is connection + channel + consumer + its acks; anything that ends
 // it starts the next one with jittered backoff, and each delivery carries its session.
 import { EventEmitter } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { ConsumeMessage } from 'amqplib';
 import type { Logger } from 'pino';
 import { ServiceError } from '../errors.ts';
 import { backoffDelay } from '../util/backoff.ts';
 import { AddressList, type BrokerConnection, isLoginRefused, openConnection } from './connection.ts';
 import { ConsumerFlow } from './consumer-flow.ts';
-import { isConsumerTimeoutClose, sendsConsumerTimeout } from './consumer-timeout.ts';
+import { ConsumerStart } from './consumer-start.ts';
+import { isConsumerTimeoutClose } from './consumer-timeout.ts';
+import type { AckMemo, Delivery, LostSession } from './delivery.ts';
 import { LoginRefusals } from './login-refusals.ts';
 import { ackFlushThreshold } from './prefetch.ts';
 import { ConsumerSession } from './session.ts';
 import { TimeoutNotices } from './timeout-notices.ts';
 import { declareTopology, type Topology } from './topology.ts';
 import { redactUrl } from './url.ts';
-
-/** A session that ended, as the owner of its deliveries hears of it. */
-export interface LostSession {
-  session: ConsumerSession;
-  /**
-   * Deliveries acked on it whose acks no fence proved to have arrived, as the owner's
-   * ackMemo kept them: the broker may give them again, and those must be acked without
-   * running again.
-   */
-  uncertain: AckMemo[];
-}
-
-/**
- * What a session keeps of a delivery it acked until a fence proves the ack arrived: what
- * the owner will know a redelivery of it by (ConsumerOptions.ackMemo).
- */
-export type AckMemo = string | Buffer;
-
-export interface Delivery {
-  message: ConsumeMessage;
-  /** The session that delivered it: the only one that may settle it. */
-  session: ConsumerSession;
-}
 
 export type ConsumerState = 'connecting' | 'consuming' | 'reconnecting' | 'cancelled' | 'closed';
 
@@ -92,17 +72,16 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   /** The live session: the one whose deliveries may be settled. */
   #session: ConsumerSession | undefined;
   #stopping = false;
-  #wake: (() => void) | undefined;
   #loop: Promise<void> | undefined;
   /** The prefetch in force and the pause: the changes made to the live consumer. */
   readonly #flow: ConsumerFlow;
   /** The address of the attempt under way, for the log and a refused login. */
   #attempting: string | undefined;
   readonly #refusals: LoginRefusals;
-  /** The broker refused x-consumer-timeout on this queue: consume without it from now on. */
-  #timeoutRefused = false;
   readonly #timeoutNotices: TimeoutNotices;
-  /** Aborted when stopping: a connect in progress is given up at once. */
+  /** basic.consume on a session, as every session and every flow change starts it. */
+  readonly #starter: ConsumerStart;
+  /** Aborted when stopping: a connect in progress or a backoff is given up at once. */
   readonly #stop = new AbortController();
 
   constructor(opts: ConsumerOptions) {
@@ -112,12 +91,16 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     this.#log = opts.logger.child({ component: 'consumer' });
     this.#timeoutNotices = new TimeoutNotices(this.#log, opts.topology);
     this.#refusals = new LoginRefusals(this.#addresses, this.#log);
+    this.#starter = new ConsumerStart(opts.topology, this.#timeoutNotices, this.#log, {
+      onDelivery: opts.onDelivery,
+      onCancelled: (session) => this.#cancelledByBroker(session),
+    });
     this.#flow = new ConsumerFlow(
       opts.prefetch,
       {
         session: () => this.#session,
         stopping: () => this.#stopping,
-        consume: (session) => this.#consume(session),
+        consume: (session) => this.#starter.start(session),
       },
       this.#log,
     );
@@ -196,19 +179,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
    * limit counts (before 4.3 both count).
    */
   requeue(delivery: Delivery, counted = false): boolean {
-    if (!this.#isLive(delivery)) return false;
-    const { session, message } = delivery;
-    session.acks.settled(message.fields.deliveryTag);
-    try {
-      if (counted) session.channel.reject(message, true);
-      else session.channel.nack(message, false, true);
-    } catch {
-      // The channel or its connection has begun to close (amqplib refuses the write with a
-      // throw): the broker requeues the message when the close is done, and the session is
-      // dropped when it is.
-      return false;
-    }
-    return true;
+    return this.#isLive(delivery) && delivery.session.requeue(delivery.message, counted);
   }
 
   /** Whether the session that delivered it is the live one: only then may it be settled. */
@@ -229,9 +200,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
 
   /** Stops new deliveries (basic.cancel) but keeps the channel open to settle what is in flight. */
   async cancel(): Promise<void> {
-    this.#stopping = true;
-    this.#stop.abort(new Error('connecting was abandoned: the service is stopping'));
-    this.#wake?.();
+    this.#beginStopping();
     await this.#flow.settled;
     const session = this.#session;
     const tag = session?.consumerTag;
@@ -247,9 +216,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
   }
 
   async close(): Promise<void> {
-    this.#stopping = true;
-    this.#stop.abort(new Error('connecting was abandoned: the service is stopping'));
-    this.#wake?.();
+    this.#beginStopping();
     const session = this.#session;
     if (session !== undefined) {
       // Send the acks still waiting for their turn before the channel goes.
@@ -304,7 +271,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
         attempt % this.#addresses.size !== 0 && this.#addresses.size > 1
           ? 0
           : backoffDelay(round, this.#opts.reconnect ?? { initialMs: 200, maxMs: 15_000 });
-      await this.#sleep(delay);
+      await sleep(delay, undefined, { signal: this.#stop.signal }).catch(() => {});
     }
   }
 
@@ -374,7 +341,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
         this.#setState('consuming');
         return { ended };
       }
-      const consumerTag = await connection.step('starting the consumer', () => this.#consume(live));
+      const consumerTag = await connection.step('starting the consumer', () => this.#starter.start(live));
       if (this.#stopping) {
         // A drain began while basic.consume was on its way: cancel() found no consumer to
         // cancel, so cancel this one now, or it would keep delivering into a draining
@@ -409,65 +376,24 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       this.#opts.onChannelLost?.({ session, uncertain: session.uncertain });
   }
 
-  /** Starts a consumer on the queue; its deliveries carry `session`, the one that may settle them. */
-  async #consume(session: ConsumerSession): Promise<string> {
-    const { consumerTimeoutMs, queueType } = this.#opts.topology;
-    const timeoutMs =
-      this.#timeoutRefused || !sendsConsumerTimeout(session.connection.serverVersion, queueType)
-        ? undefined
-        : consumerTimeoutMs;
-    try {
-      return await this.#basicConsume(session, timeoutMs);
-    } catch (err) {
-      // RabbitMQ 4.3.2 and later refuse the argument on a classic queue (406, "invalid
-      // arg"): that closed the channel; the next session consumes without it.
-      if (timeoutMs !== undefined && /x-consumer-timeout/.test((err as Error).message)) {
-        this.#timeoutRefused = true;
-        this.#timeoutNotices.notTaken(session.connection, 'refuses x-consumer-timeout on this queue');
-      }
-      throw err;
-    }
+  /**
+   * The broker cancelled the consumer. The session ends here, not when the close handshake
+   * does: amqplib refuses every ack and nack written meanwhile with a throw. The acks made
+   * so far go first, on the channel still open; the rest of its deliveries are the
+   * broker's again. The channel closes before the connection (see close()); its close
+   * handler closes the connection.
+   */
+  #cancelledByBroker(session: ConsumerSession): void {
+    session.acks.flush();
+    this.#drop(session, true);
+    void session.connection
+      .step('closing the channel', () => session.channel.close())
+      .catch(() => session.connection.close());
   }
 
-  async #basicConsume(session: ConsumerSession, timeoutMs: number | undefined): Promise<string> {
-    const { consumerTag } = await session.channel.consume(
-      this.#opts.topology.queue,
-      (message) => {
-        if (message === null) {
-          // The broker cancelled us (the queue was deleted, a node went away, or from
-          // RabbitMQ 4.3 a consumer_timeout on a quorum queue): set up again.
-          this.#log.warn('the broker cancelled the consumer; setting up again');
-          // The session ends here, not when the close handshake does: amqplib refuses every
-          // ack and nack written meanwhile with a throw. The acks made so far go first, on
-          // the channel still open; the rest of its deliveries are the broker's again. The
-          // channel closes before the connection (see close()); its close handler closes
-          // the connection.
-          session.acks.flush();
-          this.#drop(session, true);
-          void session.connection
-            .step('closing the channel', () => session.channel.close())
-            .catch(() => session.connection.close());
-          return;
-        }
-        session.acks.delivered(message.fields.deliveryTag);
-        this.#opts.onDelivery({ message, session });
-      },
-      {
-        noAck: false,
-        ...(timeoutMs === undefined ? {} : { arguments: { 'x-consumer-timeout': timeoutMs } }),
-      },
-    );
-    return consumerTag;
-  }
-
-  #sleep(ms: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = setTimeout(done, ms);
-      function done() {
-        clearTimeout(timer);
-        resolve();
-      }
-      this.#wake = done;
-    });
+  /** No new session from now on: a connect in progress is given up, a backoff cut short. */
+  #beginStopping(): void {
+    this.#stopping = true;
+    this.#stop.abort(new Error('connecting was abandoned: the service is stopping'));
   }
 }

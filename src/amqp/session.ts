@@ -6,7 +6,7 @@
 import type { Channel, ConsumeMessage } from 'amqplib';
 import { AckFlusher, type Fence } from './ack-flusher.ts';
 import type { BrokerConnection } from './connection.ts';
-import type { AckMemo } from './consumer.ts';
+import type { AckMemo } from './delivery.ts';
 
 export class ConsumerSession {
   readonly connection: BrokerConnection;
@@ -54,6 +54,25 @@ export class ConsumerSession {
   ack(message: ConsumeMessage): void {
     if (this.#memo !== undefined) this.#uncertain.set(message.fields.deliveryTag, this.#memo(message));
     this.acks.ack(message.fields.deliveryTag);
+  }
+
+  /**
+   * Gives a delivery of this session back to the queue: `basic.reject` when counted,
+   * `basic.nack` when not (AmqpConsumer.requeue says which is which). False when the
+   * channel has begun to close.
+   */
+  requeue(message: ConsumeMessage, counted: boolean): boolean {
+    this.acks.settled(message.fields.deliveryTag);
+    try {
+      if (counted) this.channel.reject(message, true);
+      else this.channel.nack(message, false, true);
+    } catch {
+      // The channel or its connection has begun to close (amqplib refuses the write with a
+      // throw): the broker requeues the message when the close is done, and the session is
+      // dropped when it is.
+      return false;
+    }
+    return true;
   }
 
   /** What was kept of the messages acked whose acks were never proven to have arrived. */

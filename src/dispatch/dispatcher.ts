@@ -11,7 +11,8 @@
 // succeeded) is settled synchronously when the pool's promise resolves: no async chain, no
 // log fields built for a level that is off (see also task-metrics.ts).
 import type { Logger } from 'pino';
-import type { AmqpConsumer, Delivery, LostSession } from '../amqp/consumer.ts';
+import type { AmqpConsumer } from '../amqp/consumer.ts';
+import type { Delivery, LostSession } from '../amqp/delivery.ts';
 import type { AmqpPublisher } from '../amqp/publisher.ts';
 import { serializeError, taskFailure } from '../errors.ts';
 import { stringifyExact } from '../ipc/exact-json.ts';

@@ -14,7 +14,8 @@
 // recognises (acked unrun, or adopted by the run under way).
 import type { ConsumeMessage } from 'amqplib';
 import type { Logger } from 'pino';
-import type { AmqpConsumer, Delivery, LostSession } from '../amqp/consumer.ts';
+import type { AmqpConsumer } from '../amqp/consumer.ts';
+import type { Delivery, LostSession } from '../amqp/delivery.ts';
 import { ADOPTED_COPY_HEADER, adoptedCopy, ownHeader, type Publication } from './outcome.ts';
 import { RecentIds } from './recent-ids.ts';
 import { bodyKey, finishedKey, finishedMemo, type Renewal, type Work } from './work.ts';

@@ -3,7 +3,7 @@
 // which runs and settles it, and the redelivery memory (redeliveries.ts), which keeps a
 // message that comes back meanwhile from running twice.
 import type { ConsumeMessage } from 'amqplib';
-import type { AckMemo, Delivery } from '../amqp/consumer.ts';
+import type { AckMemo, Delivery } from '../amqp/delivery.ts';
 import type { SpanOutcome, TaskSpan } from '../telemetry/task-tracer.ts';
 import { crashKey } from './crash-journal.ts';
 import { attemptOf } from './outcome.ts';

@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import { type TestContext, test } from 'node:test';
 import pino from 'pino';
 import { AddressList } from '../../src/amqp/connection.ts';
-import { AmqpConsumer, type ConsumerOptions, type Delivery } from '../../src/amqp/consumer.ts';
+import { AmqpConsumer, type ConsumerOptions } from '../../src/amqp/consumer.ts';
+import type { Delivery } from '../../src/amqp/delivery.ts';
 import { proxyFor } from '../support/fault-proxy.ts';
 import { AMQP_URL, broker, freshName, waitFor } from '../support/helpers.ts';
 

@@ -9,7 +9,7 @@ import { test } from 'node:test';
 import type { ConsumeMessage } from 'amqplib';
 import pino from 'pino';
 import { Registry } from 'prom-client';
-import type { Delivery } from '../../../src/amqp/consumer.ts';
+import type { Delivery } from '../../../src/amqp/delivery.ts';
 import type { ConsumerSession } from '../../../src/amqp/session.ts';
 import { CrashJournal, crashKey } from '../../../src/dispatch/crash-journal.ts';
 import { Dispatcher, type DispatcherOptions } from '../../../src/dispatch/dispatcher.ts';
