@@ -16,6 +16,7 @@ import { type ServiceError, serializeError, taskFailure } from '../errors.ts';
 import type { CancelledMessage, ResultLine } from '../ipc/protocol.ts';
 import type { TaskLimits } from '../ipc/task-options.ts';
 import { Child } from './child.ts';
+import { HeldJobs } from './held-jobs.ts';
 import { mayHoldMore } from './hold-rule.ts';
 import type { Job } from './job.ts';
 import { endAtExit, endOfResult } from './task-end.ts';
@@ -94,7 +95,7 @@ export class Slot extends EventEmitter<SlotEvents> {
   /** The options its task code declares, by function (README "Per-task options"). */
   #limits: Readonly<Record<string, TaskLimits>> = {};
   /** The tasks handed over: the first runs, the rest wait in the child in order. */
-  #jobs: Job[] = [];
+  readonly #jobs = new HeldJobs((job) => this.#taskStop.started(job));
   /** Asked to give back what it has not started, until it answers. */
   #takeBackAsked = false;
   /** What the child did wrong, when it broke the protocol. */
@@ -118,7 +119,7 @@ export class Slot extends EventEmitter<SlotEvents> {
     this.#log = opts.logger;
     this.#taskStop = new TaskStop({
       log: this.#log,
-      running: () => this.#jobs[0],
+      running: () => this.#jobs.running,
       ending: () => this.#killedFor !== undefined,
       pid: () => this.pid,
       timeoutOf: (job) => this.#timeoutOf(job),
@@ -166,7 +167,7 @@ export class Slot extends EventEmitter<SlotEvents> {
     const { name } = this.#phase;
     if (name === 'stopping' || name === 'exited') return 'stopping';
     if (name === 'starting') return 'starting';
-    return this.#jobs.length > 0 ? 'busy' : 'idle';
+    return this.#jobs.count > 0 ? 'busy' : 'idle';
   }
 
   /** It has said ready and has not been stopped (it may be on its way out). */
@@ -206,12 +207,12 @@ export class Slot extends EventEmitter<SlotEvents> {
 
   /** Tasks handed to it and not resolved: the running one and those waiting behind it. */
   get held(): number {
-    return this.#jobs.length;
+    return this.#jobs.count;
   }
 
   /** The running task, if any. */
   get running(): Job | undefined {
-    return this.#jobs[0];
+    return this.#jobs.running;
   }
 
   /**
@@ -223,22 +224,20 @@ export class Slot extends EventEmitter<SlotEvents> {
     if (this.#phase.name !== 'up' || this.#takeBackAsked) return false;
     // Its process has gone (the exit is being handled): nothing handed to it would arrive.
     if (!this.#child.connected) return false;
-    const load = this.#jobs.length + planned;
+    const load = this.#jobs.count + planned;
     // A worker due for recycling after N tasks is never handed more than N.
     if (maxTasks > 0 && this.tasksDone + load >= maxTasks) return false;
     // Under a memory limit the worker is weighed after each task and replaced before it
     // starts another once over it: a task held ahead would start first. Only a pipeline of
     // tiny tasks (deeper than the next) goes ahead of the weighing, as it always has.
     if (this.#opts.rssEachTask && load === 1 && depth <= 2) return false;
-    const first = this.#jobs[0];
+    const first = this.#jobs.running;
     return mayHoldMore(load, depth, first === undefined ? undefined : now - first.startedAt, longMs);
   }
 
   /** Hands tasks over, in order, after those it holds. */
   hand(jobs: Job[]): void {
-    const wasIdle = this.#jobs.length === 0;
-    this.#jobs.push(...jobs);
-    if (wasIdle) this.#taskStop.started(this.#jobs[0] as Job);
+    this.#jobs.add(jobs);
     try {
       if (!this.#send(jobs)) this.#undeliverable(jobs);
     } catch {
@@ -257,15 +256,12 @@ export class Slot extends EventEmitter<SlotEvents> {
   /** The child can no longer be told anything (it is exiting): these were never sent, they go back. */
   #undeliverable(jobs: Job[]): void {
     const back = new Set(jobs);
-    const wasRunning = this.#jobs[0] !== undefined && back.has(this.#jobs[0]);
-    this.#jobs = this.#jobs.filter((j) => !back.has(j));
+    this.#jobs.remove((j) => back.has(j));
     for (const job of jobs) {
       clearTimeout(job.timer);
       job.timer = undefined;
       job.startedAt = 0;
     }
-    const next = this.#jobs[0];
-    if (wasRunning && next !== undefined) this.#taskStop.started(next);
     // Not from inside the dispatch that handed them over: after it.
     queueMicrotask(() => this.emit('returned', jobs));
   }
@@ -284,8 +280,7 @@ export class Slot extends EventEmitter<SlotEvents> {
 
   /** A task that cannot reach the child ends alone, as crashed: never the process. */
   #unsendable(job: Job, err: unknown): void {
-    const wasRunning = this.#jobs[0] === job;
-    this.#jobs = this.#jobs.filter((j) => j !== job);
+    this.#jobs.remove((j) => j === job);
     const cause = serializeError(err);
     this.#log.error(
       { taskId: job.taskId, func: job.request.func, err },
@@ -296,8 +291,6 @@ export class Slot extends EventEmitter<SlotEvents> {
       error: taskFailure.dispatch('the task could not be handed to a worker', cause),
       durationMs: 0,
     });
-    const next = this.#jobs[0];
-    if (wasRunning && next !== undefined) this.#taskStop.started(next);
   }
 
   /**
@@ -311,7 +304,7 @@ export class Slot extends EventEmitter<SlotEvents> {
     // Cancelled already: its kill is on its way; a repeated cancel must not put it off.
     const again = job.cancelled;
     job.cancelled = true;
-    if (this.#jobs[0] === job) {
+    if (this.#jobs.running === job) {
       if (!again) this.#taskStop.cancelled(job);
       return 'running';
     }
@@ -321,7 +314,7 @@ export class Slot extends EventEmitter<SlotEvents> {
 
   /** Asks the child for the tasks it holds and has not started (answered by `cancelled`). */
   takeBack(): void {
-    if (this.#jobs.length <= 1 || this.#takeBackAsked || !this.isUp) return;
+    if (this.#jobs.count <= 1 || this.#takeBackAsked || !this.isUp) return;
     this.#takeBackAsked = true;
     this.#child.send({ type: 'cancel' });
   }
@@ -334,7 +327,7 @@ export class Slot extends EventEmitter<SlotEvents> {
       return;
     }
     this.#phase = { name: 'leaving', why };
-    if (this.#jobs.length === 0) this.#retire();
+    if (this.#jobs.count === 0) this.#retire();
     else this.takeBack();
   }
 
@@ -342,7 +335,7 @@ export class Slot extends EventEmitter<SlotEvents> {
   stop(): void {
     if (!this.isLive && !this.isUp) return;
     if (this.#phase.name === 'starting') this.#kill('retired');
-    else if (this.#jobs.length > 0) this.#kill('shutdown');
+    else if (this.#jobs.count > 0) this.#kill('shutdown');
     else this.#retire();
   }
 
@@ -371,22 +364,18 @@ export class Slot extends EventEmitter<SlotEvents> {
 
   #onResults(lines: ResultLine[]): void {
     for (const line of lines) {
-      const job = this.#jobs[0];
-      if (job === undefined || job.taskId !== line.taskId) {
-        // Results come in the order the tasks ran: anything else is forged.
+      // Started the next one's clock: the child starts it as it reports this one.
+      const job = this.#jobs.finish(line.taskId);
+      if (job === undefined) {
         this.#child.breach('a result for a task it was not running');
         return;
       }
-      this.#jobs.shift();
       const durationMs = performance.now() - job.startedAt;
       // The child's own measure: results read together would otherwise look like one
       // long task and several of no length.
       this.emit('ran', line.ranMs ?? durationMs);
       this.tasksDone++;
       job.end(endOfResult(job, line, durationMs, this.#timeoutOf(job)));
-      // The child starts the next one as it reports this one: so does its clock.
-      const next = this.#jobs[0];
-      if (next !== undefined) this.#taskStop.started(next);
     }
     this.#afterTasks();
   }
@@ -395,7 +384,7 @@ export class Slot extends EventEmitter<SlotEvents> {
   #onProtocolError(problem: string): void {
     this.#protocolProblem = problem;
     this.#log.error(
-      { pid: this.pid, func: this.#jobs[0]?.request.func, problem },
+      { pid: this.pid, func: this.#jobs.running?.request.func, problem },
       'a worker broke the protocol: killing it; its task ends crashed',
     );
     this.#stopping('protocol');
@@ -403,23 +392,21 @@ export class Slot extends EventEmitter<SlotEvents> {
 
   #onCancelled(msg: CancelledMessage): void {
     this.#takeBackAsked = false;
-    const ids = new Set(msg.taskIds);
     // Only tasks it holds can come back (the one the master counts as running too: the
     // child may not have started it yet, between two tasks): anything else is forged.
-    const held = new Set(this.#jobs.map((j) => j.taskId));
-    if (msg.taskIds.some((id) => !held.has(id))) {
+    if (!this.#jobs.holdsAll(msg.taskIds)) {
       this.#child.breach('a cancelled frame naming tasks it does not hold');
       return;
     }
-    const back = this.#jobs.filter((j) => ids.has(j.taskId));
-    this.#jobs = this.#jobs.filter((j) => !ids.has(j.taskId));
+    const ids = new Set(msg.taskIds);
+    const back = this.#jobs.remove((j) => ids.has(j.taskId));
     if (back.length > 0) this.emit('returned', back);
     this.#afterTasks();
   }
 
   /** Between tasks: a worker on its way out leaves once it holds nothing. */
   #afterTasks(): void {
-    if (this.#phase.name === 'leaving' && this.#jobs.length === 0) this.#retire();
+    if (this.#phase.name === 'leaving' && this.#jobs.count === 0) this.#retire();
     this.emit('settled');
   }
 
@@ -428,8 +415,7 @@ export class Slot extends EventEmitter<SlotEvents> {
     const wasUp = phase.name === 'stopping' || phase.name === 'exited' ? phase.wasUp : this.isUp;
     this.#phase = { name: 'exited', killedFor: this.#killedFor, wasUp };
     this.#taskStop.stop();
-    const [running, ...waiting] = this.#jobs;
-    this.#jobs = [];
+    const [running, ...waiting] = this.#jobs.takeAll();
     if (running !== undefined) {
       const end = { code, signal, killedFor: this.#killedFor, protocolProblem: this.#protocolProblem };
       running.end(endAtExit(running, end, this.#timeoutOf(running)));
