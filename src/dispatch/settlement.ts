@@ -14,7 +14,6 @@ import type { AmqpPublisher } from '../amqp/publisher.ts';
 import { PublishRefusedError, UnroutableError } from '../errors.ts';
 import type { Metrics } from '../metrics/metrics.ts';
 import type { Pool } from '../pool/pool.ts';
-import { crashKey } from './crash-journal.ts';
 import { HeldBytes } from './held-bytes.ts';
 import {
   cleanedCopy,
@@ -29,6 +28,7 @@ import {
 } from './outcome.ts';
 import type { Redeliveries } from './redeliveries.ts';
 import { type RetryPolicy, retryRoute } from './retry-route.ts';
+import { SettleFailures } from './settle-failures.ts';
 import { isRenewed, logFields, type Work } from './work.ts';
 
 /** How a publish ended: confirmed, refused for good (see PublishRefusedError), or failed for now. */
@@ -66,14 +66,13 @@ export class Settlement {
   readonly #heldBytes: HeldBytes;
   #drained: (() => void) | undefined;
   #draining = false;
-  /** How often each message (by digest) failed to settle in this process; bounded. */
-  readonly #settleFailures = new Map<string, number>();
-  /** Messages held back after repeated settle failures: each gives itself back when called. */
-  readonly #held = new Set<() => void>();
+  /** When a message whose settling failed is requeued (settle-failures.ts). */
+  readonly #settleFailures: SettleFailures;
 
   constructor(opts: SettlementOptions) {
     this.#opts = opts;
     this.#log = opts.logger;
+    this.#settleFailures = new SettleFailures(this.#log);
     this.#heldBytes = new HeldBytes({
       budget: opts.heldBytesBudget,
       ...(opts.onPressure === undefined ? {} : { onPressure: opts.onPressure }),
@@ -114,7 +113,7 @@ export class Settlement {
   drain(): Promise<void> {
     this.#draining = true;
     this.#heldBytes.close();
-    for (const giveBack of [...this.#held]) giveBack();
+    this.#settleFailures.releaseAll();
     if (this.#inFlight === 0) return Promise.resolve();
     return new Promise((resolve) => {
       const previous = this.#drained;
@@ -201,7 +200,7 @@ export class Settlement {
             logFields(work),
             'the delayed copy was not confirmed; message given back to the queue',
           );
-          this.#giveBackAfterFailure(work, false);
+          this.#requeueAfterFailure(work, false);
           return;
         }
         work.answered = true;
@@ -273,7 +272,7 @@ export class Settlement {
           logFields(work),
           'the dead-letter or retry copy was not confirmed; message given back to the queue',
         );
-        this.#giveBackAfterFailure(work, countsAgainst(plan.outcome));
+        this.#requeueAfterFailure(work, countsAgainst(plan.outcome));
         return;
       }
       if (!plan.retry) this.#opts.metrics.deadLettered.inc({ reason: plan.outcome as Outcome });
@@ -338,27 +337,15 @@ export class Settlement {
     this.#log.error({ err, ...logFields(work) }, 'settling a delivery failed; giving it back');
     // Never a second answer for one delivery: the broker closes the channel on that.
     if (work.answered) this.#settled(work);
-    else this.#giveBackAfterFailure(work, ending.outcome !== 'returned');
+    else this.#requeueAfterFailure(work, ending.outcome !== 'returned');
   }
 
   /**
-   * Gives back a message whose settling failed, and ends it here. The same message failing
-   * to settle again and again in this process (a bug of ours, a broker that refuses
-   * something of it) must not become a hot loop of redeliveries: from its third failure on
-   * it is held for a growing while (the delivery stays unacked) before it goes back.
+   * Requeues a message whose settling failed, and ends it here: at once, or after a hold
+   * when the same message keeps failing (settle-failures.ts).
    */
-  #giveBackAfterFailure(work: Work, counted: boolean): void {
-    const { message } = work.delivery;
-    const key = crashKey(work.messageId, message.content);
-    const failures = (this.#settleFailures.get(key) ?? 0) + 1;
-    this.#settleFailures.delete(key);
-    this.#settleFailures.set(key, failures);
-    if (this.#settleFailures.size > 10_000)
-      this.#settleFailures.delete(this.#settleFailures.keys().next().value as string);
-    let timer: NodeJS.Timeout | undefined;
-    const giveBack = () => {
-      this.#held.delete(giveBack);
-      clearTimeout(timer);
+  #requeueAfterFailure(work: Work, counted: boolean): void {
+    this.#settleFailures.failed(work, this.#draining, () => {
       try {
         if (!work.answered) this.#requeue(work, counted);
       } catch (err) {
@@ -368,18 +355,7 @@ export class Settlement {
         );
       }
       this.#settled(work);
-    };
-    if (failures < 3 || this.#draining) {
-      giveBack();
-      return;
-    }
-    const delayMs = Math.min(30_000, 1_000 * 2 ** (failures - 3));
-    this.#log.warn(
-      { ...logFields(work), failures, delayMs },
-      'this message keeps failing to settle: holding it before it goes back',
-    );
-    timer = setTimeout(giveBack, delayMs);
-    this.#held.add(giveBack);
+    });
   }
 
   #requeue(work: Work, counted: boolean): void {
