@@ -28,8 +28,8 @@ import { createMetrics, type Metrics } from '../metrics/metrics.ts';
 import { Pool } from '../pool/pool.ts';
 import type { TracingConfig } from '../telemetry/config.ts';
 import type { TaskTracer } from '../telemetry/task-tracer.ts';
-import { settlesWithin } from '../util/deadline.ts';
 import { deadOverHttp } from './dead-over-http.ts';
+import { drainInOrder, type ServiceExit } from './drain.ts';
 import { healthReport } from './health.ts';
 import { LiveTopology } from './live-topology.ts';
 import { Replicas } from './replicas.ts';
@@ -51,14 +51,6 @@ export interface ServiceOptions {
 
 /** The longest a task waits for its function's concurrency or rate before it goes back through a delay queue. */
 const MAX_HELD_BACK_MS = 2 * 60_000;
-
-/** How the service ended: the exit code the CLI should use, and why. */
-export interface ServiceExit {
-  code: number;
-  reason: string;
-  /** The error that stopped the service, when one did. */
-  error?: ServiceError;
-}
 
 export class Service {
   readonly config: Config;
@@ -350,57 +342,31 @@ export class Service {
   }
 
   /**
-   * The graceful drain (README "Stopping"), idempotent: stop consuming, give back what has not
-   * started, let running tasks finish until the shutdown timeout (counted from now), settle
-   * them, stop the workers, close the connections, and the HTTP server last.
+   * The graceful drain (README "Stopping"; its order in drain.ts), idempotent; the
+   * shutdown timeout counts from the first call.
    */
   drain(reason: string, code = 0, error?: ServiceError): Promise<ServiceExit> {
-    this.#draining ??= Promise.race([this.#drain(reason, code), this.#overdue()]).then((drained) => {
+    this.#draining ??= drainInOrder(
+      {
+        shutdownTimeout: this.config.shutdownTimeout,
+        log: this.#log,
+        autoPrefetch: this.#autoPrefetch,
+        pool: this.pool,
+        consumer: this.consumer,
+        dispatcher: this.dispatcher,
+        publisher: this.publisher,
+        tracer: this.#tracer,
+        http: this.http,
+      },
+      reason,
+      code,
+    ).then((drained) => {
       const ending = error === undefined ? drained : { ...drained, error };
       this.#log.info(ending, 'stopped');
       this.#resolveEnded(ending);
       return ending;
     });
     return this.#draining;
-  }
-
-  /** A safety net past the shutdown timeout, for a broker that stops answering mid-drain. */
-  #overdue(): Promise<ServiceExit> {
-    const ms = (this.config.shutdownTimeout + 15) * 1000;
-    return new Promise((resolve) => {
-      setTimeout(() => resolve({ code: 1, reason: 'the drain did not finish in time' }), ms).unref();
-    });
-  }
-
-  async #drain(reason: string, code: number): Promise<ServiceExit> {
-    const graceMs = this.config.shutdownTimeout * 1000;
-    const deadline = performance.now() + graceMs;
-    this.#log.info({ reason, shutdownTimeout: this.config.shutdownTimeout }, 'draining');
-    this.#autoPrefetch?.stop();
-    // No task starts from here: the consumer's cancel takes a round trip to the broker (and
-    // longer when it is slow or gone), and what has not started must go back, not run.
-    this.pool.stopStarting();
-    await this.consumer.cancel();
-    const settled = this.dispatcher.drain();
-    await this.pool.close(Math.max(0, deadline - performance.now()));
-    // The tasks are over; what may remain is publishing their dead letters and replies. A
-    // publish that cannot finish by the deadline (publishing blocked by an alarm, a broker
-    // that stopped answering) is failed by closing the publisher: its message goes back
-    // to the queue, and the drain ends on time.
-    if (!(await settlesWithin(settled, deadline - performance.now()))) {
-      this.#log.warn('publishes still waiting at the shutdown deadline: their messages go back to the queue');
-      await this.publisher.close();
-      await settlesWithin(settled, 1_000);
-    }
-    await Promise.all([this.consumer.close(), this.publisher.close()]);
-    // The last spans go out before the process ends (bounded: a collector may be down).
-    if (this.#tracer !== undefined)
-      await settlesWithin(
-        this.#tracer.shutdown().catch(() => {}),
-        5_000,
-      );
-    await this.http.close();
-    return { code, reason };
   }
 
   #fail(err: ServiceError, code: number): void {
