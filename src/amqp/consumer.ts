@@ -1,8 +1,9 @@
-// The consuming connection, after rabbitmq-client's Consumer: ack discipline lives here
-// and nowhere else. A delivery is settled only by the session that delivered it, and
-// never once that session has ended (RabbitMQ answers a stale tag with a 406 that closes
-// the channel and requeues everything on it). A lost connection, a closed channel or a
-// consumer cancelled by the broker is followed by a reconnect with backoff, forever.
+// The consuming connection, after rabbitmq-client's Consumer: ack discipline is decided
+// here and nowhere else (the session, session.ts, writes the frames it decides on). A
+// delivery is settled only by the session that delivered it, and never once that session
+// has ended (RabbitMQ answers a stale tag with a 406 that closes the channel and requeues
+// everything on it). A lost connection, a closed channel or a consumer cancelled by the
+// broker is followed by a reconnect with backoff, forever.
 //
 // Why our own loop rather than amqplib's opt-in recovery (connect(..., { recovery })):
 // that wrapper reconnects and re-runs a setup function, but it hands back new channels

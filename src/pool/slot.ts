@@ -1,9 +1,10 @@
 // One worker slot of the pool, after piscina's WorkerInfo and undici's Client: everything
 // that belongs to one worker lives here and only here changes it: its process, the tasks
-// handed to it (the first runs, the rest wait in the child in order), its lifecycle
-// (starting, up, on its way out, stopping) and why it is leaving or was killed. The pool
-// asks it questions and gives it orders; it reports back through events, and when it
-// ends it gives back every task it held.
+// handed to it (the first runs, the rest wait in the child in order; the list and its one
+// rule are held-jobs.ts's, changed only from here), its lifecycle (starting, up, on its
+// way out, stopping) and why it is leaving or was killed. The pool asks it questions and
+// gives it orders; it reports back through events, and when it ends it gives back every
+// task it held.
 //
 // How its running task is stopped, at its time limit or by a cancel, is task-stop.ts's,
 // on the master's clock. A kill is never the end of the story by itself: the exit is

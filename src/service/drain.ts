@@ -31,7 +31,8 @@ export interface DrainParts {
   consumer: AmqpConsumer;
   dispatcher: Dispatcher;
   publisher: AmqpPublisher;
-  tracer: TaskTracer | undefined;
+  /** Read at the end: tracing may have started while the drain ran (a signal during start-up). */
+  tracer: () => TaskTracer | undefined;
   http: FastifyInstance;
 }
 
@@ -51,7 +52,7 @@ function overdue(shutdownTimeout: number): Promise<ServiceExit> {
 }
 
 async function drain(parts: DrainParts, reason: string, code: number): Promise<ServiceExit> {
-  const { log, pool, consumer, dispatcher, publisher, tracer, shutdownTimeout } = parts;
+  const { log, pool, consumer, dispatcher, publisher, shutdownTimeout } = parts;
   const graceMs = shutdownTimeout * 1000;
   const deadline = performance.now() + graceMs;
   log.info({ reason, shutdownTimeout }, 'draining');
@@ -73,6 +74,7 @@ async function drain(parts: DrainParts, reason: string, code: number): Promise<S
   }
   await Promise.all([consumer.close(), publisher.close()]);
   // The last spans go out before the process ends (bounded: a collector may be down).
+  const tracer = parts.tracer();
   if (tracer !== undefined)
     await settlesWithin(
       tracer.shutdown().catch(() => {}),

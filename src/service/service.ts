@@ -355,7 +355,7 @@ export class Service {
         consumer: this.consumer,
         dispatcher: this.dispatcher,
         publisher: this.publisher,
-        tracer: this.#tracer,
+        tracer: () => this.#tracer,
         http: this.http,
       },
       reason,
