@@ -11,11 +11,14 @@
 // holds none of the master's secrets (workerEnv).
 import { type ChildProcess, fork } from 'node:child_process';
 import { EventEmitter } from 'node:events';
+import { closeSync } from 'node:fs';
+import { Socket } from 'node:net';
 import { finished, type Readable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { ServiceError } from '../errors.ts';
 import type { CancelledMessage, MasterMessage, ReadyMessage, ResultLine } from '../ipc/protocol.ts';
 import { checkChildMessage, resultLineProblem } from '../ipc/validate.ts';
+import { openResultsFifo } from './results-fifo.ts';
 
 /** The child's entry: forked by path, never imported (the pool and the worker meet only through ipc/). */
 const CHILD_ENTRY = fileURLToPath(new URL('../worker/entry.ts', import.meta.url));
@@ -93,6 +96,9 @@ export class Child extends EventEmitter<ChildEvents> {
     }, bootTimeoutMs);
 
     let child: ChildProcess | undefined;
+    // fd 4 (RESULTS_FD): the results pipe. A FIFO where one can be made, else the socket
+    // pair Node makes for 'pipe' (results-fifo.ts says why).
+    const fifo = openResultsFifo();
     try {
       child = fork(CHILD_ENTRY, [moduleUrl], {
         // The master's own flags (a test runner's, an inspector) are not the children's.
@@ -100,12 +106,12 @@ export class Child extends EventEmitter<ChildEvents> {
         env: workerEnv(process.env),
         serialization: 'json',
         detached: true,
-        // fd 4 (RESULTS_FD): the results pipe.
-        stdio: ['ignore', 'inherit', 'inherit', 'ipc', 'pipe'],
+        stdio: ['ignore', 'inherit', 'inherit', 'ipc', fifo?.writeFd ?? 'pipe'],
       });
     } catch (err) {
       // No process at all (out of file descriptors, say): this attempt ends, the master lives.
       child = undefined;
+      if (fifo !== undefined) closeSync(fifo.readFd);
       queueMicrotask(() => {
         fail(
           new ServiceError('ERR_WORKER_SPAWN', `a worker could not be started: ${(err as Error).message}`),
@@ -113,13 +119,19 @@ export class Child extends EventEmitter<ChildEvents> {
         this.#exited(null, null);
       });
     }
+    // The child has its own copy of the write end (or none, if it failed to start). The
+    // master's must close, or the pipe would never reach its end when the child exits.
+    if (fifo !== undefined) closeSync(fifo.writeFd);
     this.#child = child;
     this.pid = child?.pid;
     if (child === undefined) return;
 
     // Absent when the spawn itself failed (out of file descriptors: then 'error' follows,
     // and `stdio` itself may be missing).
-    const results = child.stdio?.[4] as Readable | null | undefined;
+    const results =
+      fifo === undefined
+        ? (child.stdio?.[4] as Readable | null | undefined)
+        : new Socket({ fd: fifo.readFd, readable: true, writable: false });
     if (results != null) this.#readResults(results);
     child.on('message', (raw: unknown) => {
       const checked = checkChildMessage(raw);

@@ -1,7 +1,7 @@
 // The worker pool with real forked children, no broker.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -39,6 +39,19 @@ test('children say ready with the names they can run; tasks run and return', asy
     results.map((r) => (r.outcome === 'succeeded' ? r.resultJson : r.outcome)),
     ['3', '["x"]'],
   );
+});
+
+test('results come back on a pipe, not a socket pair (pool/results-fifo.ts)', {
+  skip: process.platform !== 'linux',
+}, async (t) => {
+  const p = pool(t, { size: 1 });
+  await p.start();
+  const result = await p.run(request('pid'));
+  assert.equal(result.outcome, 'succeeded');
+  const pid = Number(result.outcome === 'succeeded' ? result.resultJson : 0);
+  // RESULTS_FD in the child, seen through /proc: a pipe, not a socket.
+  const fd = statSync(`/proc/${pid}/fd/4`);
+  assert.ok(fd.isFIFO() && !fd.isSocket());
 });
 
 test('each worker runs one task at a time: the third waits, counted as queued', async (t) => {
