@@ -46,7 +46,13 @@ export function ackFlushThreshold(prefetch: number): number {
 
 /** The work, in milliseconds at the average duration, one worker may have waiting here. */
 export const HOLD_MS = 1_000;
-/** The most one worker's share may be (MAX_PREFETCH bounds them all). */
+/**
+ * The most one worker's share may be (MAX_PREFETCH bounds them all). It binds only for
+ * tasks under about 4 ms. More would feed tiny tasks faster (384 about 4%, 500 about 9%
+ * on 2 workers), but each delivery then waits longer in the master, more of them outlive
+ * two scavenges, and the master's RSS grows with the task count: at 384 and 500 it
+ * passed the 5% goal from 10k to 200k tasks in some runs (docs/benchmarks.md, "tenth pass").
+ */
 export const MAX_PER_WORKER = 256;
 /** At least the running task and the next one, so a worker never waits on the broker. */
 export const MIN_PER_WORKER = 2;

@@ -4,7 +4,7 @@
 import { tmpdir } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { BROKER_DEFAULTS } from '../amqp/defaults.ts';
-import { defaultPrefetch, MAX_PREFETCH } from '../amqp/prefetch.ts';
+import { defaultPrefetch, MAX_PER_WORKER, MAX_PREFETCH, MIN_PER_WORKER } from '../amqp/prefetch.ts';
 import { memoryLimitBytes } from '../util/memory.ts';
 
 export interface Config {
@@ -176,7 +176,7 @@ export const OPTIONS: readonly OptionSpec[] = [
     kind: 'count',
     arg: 'N',
     // Computed: defaultPrefetch(workers), then auto-prefetch.ts (MIN/MAX_PER_WORKER).
-    shown: `automatic: about 1 s of work per worker at the measured task duration (2 to 256 per worker, at most ${MAX_PREFETCH}; ${defaultPrefetch(1)} per worker until tasks are timed; within --max-held-bytes at the average body, or the largest before any is seen)`,
+    shown: `automatic: about 1 s of work per worker at the measured task duration (${MIN_PER_WORKER} to ${MAX_PER_WORKER} per worker, at most ${MAX_PREFETCH}; ${defaultPrefetch(1)} per worker until tasks are timed; within --max-held-bytes at the average body, or the largest before any is seen)`,
     max: MAX_AMQP_PREFETCH,
     help: 'unacknowledged deliveries held at once; when given, it stays fixed',
   },
