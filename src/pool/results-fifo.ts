@@ -13,8 +13,8 @@
 // blocking writes, the end of file when the child exits: all as with the socket pair.
 //
 // Where a FIFO cannot be made (no `mkfifo` on the PATH, a read-only temporary directory),
-// the child gets the socket pair, as before: slower, never wrong. A command that failed
-// once is not tried again in this process.
+// the child gets the socket pair, as before: slower, never wrong. A command that is
+// missing or not allowed is not tried again in this process.
 import { execFileSync } from 'node:child_process';
 import { closeSync, constants, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -28,8 +28,14 @@ export interface ResultsFifo {
 
 /** Commands that could not make a FIFO here: not tried again. */
 const failed = new Set<string>();
-/** Failures that pass (out of descriptors or memory for a moment): the next child tries again. */
-const PASSING = new Set(['EMFILE', 'ENFILE', 'EAGAIN', 'ENOMEM']);
+/**
+ * Failures that last: no such command, not allowed, a read-only or missing temporary
+ * directory, a command that hung. Anything else (out of descriptors or space for a
+ * moment, mkfifo's own failure) may pass, and the next child tries again.
+ */
+const LASTING = new Set(['ENOENT', 'EACCES', 'EPERM', 'EROFS', 'ETIMEDOUT']);
+/** mkfifo takes a few ms; past this the master gives up on it rather than stall. */
+const MKFIFO_TIMEOUT_MS = 1_000;
 
 /**
  * A new results pipe, or undefined where none can be made (the caller then uses a socket
@@ -43,14 +49,20 @@ export function openResultsFifo(mkfifo = 'mkfifo'): ResultsFifo | undefined {
     // 0700 directory and a 0600 FIFO: no other user can open it in the moment it has a name.
     dir = mkdtempSync(join(tmpdir(), 'amqp-concurrency-'));
     const path = join(dir, 'results');
-    execFileSync(mkfifo, ['-m', '600', path], { stdio: 'ignore' });
+    // Only PATH: the command sees none of the master's secrets (as workerEnv keeps them
+    // from the workers).
+    execFileSync(mkfifo, ['-m', '600', path], {
+      stdio: 'ignore',
+      env: { PATH: process.env.PATH ?? '/usr/bin:/bin' },
+      timeout: MKFIFO_TIMEOUT_MS,
+    });
     // The read end first, without blocking: a FIFO's write end opens at once only while
     // a reader exists. The write end blocks on a full pipe, as the child's writes expect.
     readFd = openSync(path, constants.O_RDONLY | constants.O_NONBLOCK);
     const writeFd = openSync(path, constants.O_WRONLY);
     return { readFd, writeFd };
   } catch (err) {
-    if (!PASSING.has((err as NodeJS.ErrnoException).code ?? '')) failed.add(mkfifo);
+    if (LASTING.has((err as NodeJS.ErrnoException).code ?? '')) failed.add(mkfifo);
     if (readFd !== undefined) closeSync(readFd);
     return undefined;
   } finally {

@@ -1,7 +1,7 @@
 // The worker pool with real forked children, no broker.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
@@ -52,6 +52,38 @@ test('results come back on a pipe, not a socket pair (pool/results-fifo.ts)', {
   // RESULTS_FD in the child, seen through /proc: a pipe, not a socket.
   const fd = statSync(`/proc/${pid}/fd/4`);
   assert.ok(fd.isFIFO() && !fd.isSocket());
+});
+
+/** The FIFOs this process holds open, by direction (from /proc/self/fdinfo's flags). */
+function fifoEnds(): { read: number; write: number } {
+  const ends = { read: 0, write: 0 };
+  for (const fd of readdirSync('/proc/self/fd')) {
+    try {
+      if (!statSync(`/proc/self/fd/${fd}`).isFIFO()) continue;
+      const flags = /^flags:\s*(\d+)/m.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))?.[1];
+      if (flags === undefined) continue;
+      // O_ACCMODE: 0 read, 1 write.
+      if ((Number.parseInt(flags, 8) & 3) === 1) ends.write++;
+      else ends.read++;
+    } catch {
+      // Closed while we looked (readdir's own descriptor among them).
+    }
+  }
+  return ends;
+}
+
+test('the master holds only the read end of each results pipe, and lets it go with the pool', {
+  skip: process.platform !== 'linux',
+}, async () => {
+  const before = fifoEnds();
+  const p = new Pool({ size: 2, moduleUrl: pathToFileURL(FIXTURE_TASKS).href, taskTimeoutMs: 5_000, logger });
+  await p.start();
+  assert.equal((await p.run(request('add', [1, 2]))).outcome, 'succeeded');
+  // A write end kept here would keep the pipe from its end of file when the child dies.
+  assert.deepEqual(fifoEnds(), { read: before.read + 2, write: before.write });
+  await p.close(0);
+  await waitFor('the read ends closed', () => fifoEnds().read === before.read);
+  assert.deepEqual(fifoEnds(), before);
 });
 
 test('each worker runs one task at a time: the third waits, counted as queued', async (t) => {
