@@ -14,7 +14,7 @@
 //
 // Where a FIFO cannot be made (no `mkfifo` on the PATH, a read-only temporary directory),
 // the child gets the socket pair, as before: slower, never wrong. A command that is
-// missing or not allowed is not tried again in this process.
+// missing, not allowed or hung is not tried again in this process.
 import { execFileSync } from 'node:child_process';
 import { closeSync, constants, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';

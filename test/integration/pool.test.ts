@@ -74,9 +74,9 @@ function fifoEnds(): { read: number; write: number } {
 
 test('the master holds only the read end of each results pipe, and lets it go with the pool', {
   skip: process.platform !== 'linux',
-}, async () => {
+}, async (t) => {
   const before = fifoEnds();
-  const p = new Pool({ size: 2, moduleUrl: pathToFileURL(FIXTURE_TASKS).href, taskTimeoutMs: 5_000, logger });
+  const p = pool(t);
   await p.start();
   assert.equal((await p.run(request('add', [1, 2]))).outcome, 'succeeded');
   // A write end kept here would keep the pipe from its end of file when the child dies.
