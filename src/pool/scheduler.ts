@@ -12,7 +12,10 @@
 // order: as many as fit in PIPELINE_BUDGET_MS of work at the average duration (up to
 // maxPipeline), so that what waits inside a child stays short whatever the task size.
 // Every message to a child is a write that wakes it, which for tiny tasks costs more than
-// the task; a deeper pipeline sends fewer, larger messages.
+// the task; a deeper pipeline sends fewer, larger messages. For the same reason tiny
+// tasks are packed (PACK_BELOW_MS): each goes to the busiest worker that can still take
+// it, so that one worker runs them while the others sleep, instead of every worker being
+// woken for a share of a few.
 
 import type { FuncLimits, LimitKind } from './func-limits.ts';
 import { LONG_TASK_MS } from './hold-rule.ts';
@@ -39,6 +42,16 @@ export interface SchedulerSlot {
 
 /** How much work (at the average task duration) a child may hold beyond the task it runs. */
 const PIPELINE_BUDGET_MS = 2;
+/**
+ * Tasks shorter than this on average are packed onto the busiest worker that can take
+ * them rather than spread: waking a second worker costs more than the task. On two cores
+ * a wake-up across CPUs is some 20 µs a round trip and 6 µs of the waker's CPU (see
+ * docs/benchmarks.md), so spreading a few tiny tasks buys no parallelism worth having
+ * and costs CPU the master and the broker need. Packing never holds a task
+ * back: once the busiest worker is full (its pipeline depth) the next one takes the rest,
+ * so a backlog still runs on every worker.
+ */
+const PACK_BELOW_MS = 0.05;
 /**
  * A running task that has run this many times the average (and LONG_TASK_MS at least)
  * has turned out long: it takes no task behind it, and the one it holds is taken back
@@ -169,7 +182,8 @@ export class Scheduler {
   }
 
   /**
-   * Hands waiting tasks to workers that can take them: the least loaded first, and only
+   * Hands waiting tasks to workers that can take them: the least loaded first (tiny tasks:
+   * the busiest, PACK_BELOW_MS), and only
    * workers whose code exports the task's func while one does (during a rolling reload,
    * old and new code run side by side). Whether anything was handed over.
    */
@@ -186,6 +200,7 @@ export class Scheduler {
     // A pipelining worker is topped up once it has run down to half its depth, not after
     // every task: one message then carries many tasks instead of one each.
     const refillAt = Math.floor(depth / 2);
+    const pack = this.#averageMs !== undefined && this.#averageMs < PACK_BELOW_MS;
     const batches = new Map<SchedulerSlot, Job[]>();
     /**
      * Tasks passed over: the workers whose code has their func are full (a reload), or
@@ -251,7 +266,7 @@ export class Scheduler {
         if (planned === 0 && w.held > refillAt) continue;
         if (!w.canTake(planned, depth, now, maxTasks, longMs)) continue;
         const load = w.held + planned;
-        if (knows && (best === undefined || load < bestLoad)) {
+        if (knows && (best === undefined || (pack ? load > bestLoad : load < bestLoad))) {
           best = w;
           bestLoad = load;
         }

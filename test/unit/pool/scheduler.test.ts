@@ -111,6 +111,36 @@ test('tiny tasks pipeline: one hand() carries a batch, no deeper than maxPipelin
   assert.equal(s.queued, 22);
 });
 
+test('tiny tasks are packed: the busiest slot that can take them first, the next only once it is full', () => {
+  const s = scheduler(8);
+  for (let i = 0; i < 20; i++) s.recordRun(0.01);
+  const a = new FakeSlot('a');
+  const b = new FakeSlot('b');
+  for (let i = 0; i < 3; i++) s.push(job().job);
+  s.dispatch([a, b]);
+  assert.deepEqual([a.held, b.held], [3, 0], 'a few tiny tasks wake one worker, not both');
+  // Past a's depth (8), the rest go to b: packing never keeps a task waiting here.
+  for (let i = 0; i < 10; i++) s.push(job().job);
+  s.dispatch([a, b]);
+  assert.deepEqual([a.held, b.held, s.queued], [8, 5, 0]);
+  // Both down to half their depth (4) or less, so both may be topped up: b, the busier, is.
+  for (let i = 0; i < 6; i++) a.finish();
+  b.finish();
+  s.push(job().job);
+  s.dispatch([a, b]);
+  assert.deepEqual([a.held, b.held], [2, 5]);
+});
+
+test('tasks of 0.05 ms and more are spread: the least loaded slot first', () => {
+  const s = scheduler(8);
+  for (let i = 0; i < 20; i++) s.recordRun(0.05);
+  const a = new FakeSlot('a');
+  const b = new FakeSlot('b');
+  for (let i = 0; i < 4; i++) s.push(job().job);
+  s.dispatch([a, b]);
+  assert.deepEqual([a.held, b.held], [2, 2]);
+});
+
 test('long tasks do not pipeline: each slot holds the running one and the next', () => {
   const s = scheduler(64);
   s.recordRun(500);
