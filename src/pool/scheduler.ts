@@ -13,9 +13,9 @@
 // maxPipeline), so that what waits inside a child stays short whatever the task size.
 // Every message to a child is a write that wakes it, which for tiny tasks costs more than
 // the task; a deeper pipeline sends fewer, larger messages. For the same reason tiny
-// tasks are packed (PACK_BELOW_MS): each goes to the busiest worker that can still take
-// it, so that one worker runs them while the others sleep, instead of every worker being
-// woken for a share of a few.
+// tasks are packed (PACK_BELOW_MS): each goes to the busiest worker that may be topped
+// up and is running tiny tasks now, so that one worker runs them while the others sleep,
+// instead of every worker being woken for a share of a few.
 
 import type { FuncLimits, LimitKind } from './func-limits.ts';
 import { LONG_TASK_MS } from './hold-rule.ts';
@@ -43,15 +43,28 @@ export interface SchedulerSlot {
 /** How much work (at the average task duration) a child may hold beyond the task it runs. */
 const PIPELINE_BUDGET_MS = 2;
 /**
- * Tasks shorter than this on average are packed onto the busiest worker that can take
- * them rather than spread: waking a second worker costs more than the task. On two cores
- * a wake-up across CPUs is some 20 µs a round trip and 6 µs of the waker's CPU (see
- * docs/benchmarks.md), so spreading a few tiny tasks buys no parallelism worth having
- * and costs CPU the master and the broker need. Packing never holds a task
- * back: once the busiest worker is full (its pipeline depth) the next one takes the rest,
- * so a backlog still runs on every worker.
+ * Tasks shorter than this on average are packed onto the busiest worker that may be
+ * topped up rather than spread: waking a second worker costs more than the task. On two
+ * cores a wake-up across CPUs is some 20 µs a round trip and 6 µs of the waker's CPU (see
+ * docs/benchmarks.md), so spreading a few tiny tasks buys no parallelism worth having and
+ * costs CPU the master and the broker need. Packing keeps nothing in the master's queue
+ * that spreading would hand out: once the busiest worker is full (its pipeline depth, or
+ * past half of it, see refillAt) the next one takes the rest, so a backlog still runs on
+ * every worker. A worker whose running task has run past PIPELINE_BUDGET_MS is not packed
+ * onto: that task may be turning out long, and what would queue behind it goes to the
+ * least loaded worker, as when spreading.
  */
 const PACK_BELOW_MS = 0.05;
+
+/**
+ * Whether a worker is a better choice than the best so far: when packing, one running
+ * tiny tasks now (`packed`) over one that is not, then the busier; otherwise the less
+ * loaded.
+ */
+function better(packed: boolean, load: number, bestPacked: boolean, bestLoad: number): boolean {
+  if (packed !== bestPacked) return packed;
+  return packed ? load > bestLoad : load < bestLoad;
+}
 /**
  * A running task that has run this many times the average (and LONG_TASK_MS at least)
  * has turned out long: it takes no task behind it, and the one it holds is taken back
@@ -183,7 +196,7 @@ export class Scheduler {
 
   /**
    * Hands waiting tasks to workers that can take them: the least loaded first (tiny tasks:
-   * the busiest, PACK_BELOW_MS), and only
+   * the busiest running tiny tasks, PACK_BELOW_MS), and only
    * workers whose code exports the task's func while one does (during a rolling reload,
    * old and new code run side by side). Whether anything was handed over.
    */
@@ -255,6 +268,7 @@ export class Scheduler {
       }
       let best: SchedulerSlot | undefined;
       let bestLoad = 0;
+      let bestPacked = false;
       let fallback: SchedulerSlot | undefined;
       let fallbackLoad = 0;
       let anyKnows = false;
@@ -266,9 +280,12 @@ export class Scheduler {
         if (planned === 0 && w.held > refillAt) continue;
         if (!w.canTake(planned, depth, now, maxTasks, longMs)) continue;
         const load = w.held + planned;
-        if (knows && (best === undefined || (pack ? load > bestLoad : load < bestLoad))) {
+        const running = w.running;
+        const packed = pack && (running === undefined || now - running.startedAt < PIPELINE_BUDGET_MS);
+        if (knows && (best === undefined || better(packed, load, bestPacked, bestLoad))) {
           best = w;
           bestLoad = load;
+          bestPacked = packed;
         }
         if (fallback === undefined || load < fallbackLoad) {
           fallback = w;
