@@ -22,6 +22,7 @@ import type { GetMessage } from 'amqplib';
 import {
   alive,
   cliArgs,
+  deleteExchangesAfter,
   freshName,
   getJson,
   ROOT,
@@ -404,7 +405,7 @@ test('the crash journal lives in a private folder; a folder someone else made is
   const state = mkdtempSync(join(tmpdir(), 'borders-state-'));
   t.after(() => rmSync(state, { recursive: true, force: true }));
   const queue = freshName(t);
-  const { cli } = await startCliService(t, queue, ['--state-dir', state]);
+  const { b, cli } = await startCliService(t, queue, ['--state-dir', state]);
   const uid = process.getuid?.() ?? 0;
   const folder = join(state, `amqp-concurrency-${uid}`);
   assert.equal(statSync(folder).mode & 0o777, 0o700);
@@ -412,9 +413,12 @@ test('the crash journal lives in a private folder; a folder someone else made is
   await cli.exit;
   // Someone else's (here: one anyone may write): refused, said at start-up, and the service runs.
   chmodSync(folder, 0o777);
-  const again = spawnCli(t, [...cliArgs(freshName(t)), '--state-dir', state], {
+  const second = freshName(t);
+  b.cleanup(second, `${second}.dead`);
+  const again = spawnCli(t, [...cliArgs(second), '--state-dir', state], {
     SHUTDOWN_TOKEN: 'change-me',
   });
+  deleteExchangesAfter(t, `${second}.x`);
   await waitFor('ready', () => again.logs().some((l) => l.msg === 'ready'));
   const warnings = again
     .logs()
@@ -428,4 +432,7 @@ test('the crash journal lives in a private folder; a folder someone else made is
     warnings.some((m) => m.startsWith('SHUTDOWN_TOKEN is a placeholder')),
     warnings.join('\n'),
   );
+  // Stopped before the teardown deletes its queue, which a running service would declare again.
+  again.child.kill('SIGTERM');
+  await again.exit;
 });

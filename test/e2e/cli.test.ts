@@ -11,6 +11,7 @@ import {
   broker,
   CLI,
   cliArgs,
+  deleteExchangesAfter,
   freshName,
   gate,
   getJson,
@@ -110,7 +111,7 @@ test('a queue declared otherwise ends start-up with exit 2 and a hint', async (t
   // Not the old non-durable queue: RabbitMQ 4 deprecates transient non-exclusive queues (and
   // will refuse them). A durable one with an argument the service does not declare clashes too.
   await b.channel.assertQueue(queue, { durable: true, arguments: { 'x-max-length': 1000 } });
-  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
+  deleteExchangesAfter(t, `${queue}.x`);
   const cli = spawnCli(t, cliArgs(queue));
   const { code } = await cli.exit;
   assert.equal(code, 2);

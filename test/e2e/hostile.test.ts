@@ -10,6 +10,7 @@ import { crashJournalPath } from '../../src/dispatch/crash-journal.ts';
 import {
   broker,
   cliArgs,
+  deleteExchangesAfter,
   freshName,
   getJson,
   readyPort,
@@ -132,7 +133,7 @@ test('a message the master dies on: after three deaths the next master dead-lett
   t.after(() => rmSync(journal, { force: true }));
   const b = await broker(t);
   b.cleanup(queue, `${queue}.dead`);
-  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
+  deleteExchangesAfter(t, `${queue}.x`);
   // Declare the queue as the service does, so the messages wait for it.
   const first = spawnCli(t, cliArgs(queue));
   const firstPort = await readyPort(first);

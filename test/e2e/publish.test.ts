@@ -12,6 +12,7 @@ import {
   type Broker,
   broker,
   CLI,
+  deleteExchangesAfter,
   freshName,
   ROOT,
   type spawnCli,
@@ -66,7 +67,7 @@ async function quietQueue(t: TestContext, b: Broker) {
   await b.channel.assertQueue(queue, { durable: true });
   await b.channel.bindQueue(queue, exchange, 'rk');
   b.cleanup(queue);
-  t.after(() => b.channel.deleteExchange(exchange).catch(() => {}));
+  deleteExchangesAfter(t, exchange);
   return { queue, flags: ['--exchange', exchange, '--routing-key', 'rk'] };
 }
 

@@ -11,6 +11,7 @@ import {
   AMQP_URL,
   type Broker,
   broker,
+  deleteExchangesAfter,
   freshName,
   startService,
   testConfig,
@@ -28,7 +29,7 @@ async function quietQueue(t: TestContext, b: Broker): Promise<{ exchange: string
   await b.channel.assertQueue(queue, { durable: true });
   await b.channel.bindQueue(queue, exchange, 'rk');
   b.cleanup(queue);
-  t.after(() => b.channel.deleteExchange(exchange).catch(() => {}));
+  deleteExchangesAfter(t, exchange);
   return { exchange, queue };
 }
 

@@ -6,7 +6,7 @@ import { AddressList } from '../../src/amqp/connection.ts';
 import { AmqpConsumer, type ConsumerOptions } from '../../src/amqp/consumer.ts';
 import type { Delivery } from '../../src/amqp/delivery.ts';
 import { proxyFor } from '../support/fault-proxy.ts';
-import { AMQP_URL, broker, freshName, waitFor } from '../support/helpers.ts';
+import { AMQP_URL, broker, deleteExchangesAfter, freshName, waitFor } from '../support/helpers.ts';
 
 /**
  * A consumer of a fresh queue of `queueType` (with prefetch 2), started; closed and its
@@ -21,10 +21,14 @@ async function startConsumer(
   }: Pick<ConsumerOptions, 'logger' | 'onDelivery'> &
     Partial<Pick<ConsumerOptions, 'addresses' | 'urls' | 'reconnect'>> & { consumerTimeoutMs?: number },
 ) {
+  // Closed before the broker helper deletes its queue (hooks run in the order registered):
+  // a consumer that sees its queue deleted declares it again, and it would stay behind.
+  let consumer: AmqpConsumer | undefined;
+  t.after(() => consumer?.close());
   const b = await broker(t);
   const queue = freshName(t);
   b.cleanup(queue, `${queue}.dead`);
-  const consumer = new AmqpConsumer({
+  consumer = new AmqpConsumer({
     urls: [AMQP_URL],
     connectTimeoutMs: 10_000,
     topology: {
@@ -39,10 +43,7 @@ async function startConsumer(
     prefetch: 2,
     ...options,
   });
-  t.after(async () => {
-    await consumer.close();
-    await b.channel.deleteExchange(`${queue}.x`).catch(() => {});
-  });
+  deleteExchangesAfter(t, `${queue}.x`);
   consumer.start();
   return { b, queue, consumer };
 }
@@ -154,7 +155,7 @@ test('a quorum queue declared before with another x-consumer-timeout is taken as
   const b = await broker(t);
   const queue = freshName(t);
   b.cleanup(queue, `${queue}.dead`);
-  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
+  deleteExchangesAfter(t, `${queue}.x`);
   const consumerWith = (consumerTimeoutMs: number, lines: string[]) => {
     const consumer: AmqpConsumer = new AmqpConsumer({
       urls: [AMQP_URL],

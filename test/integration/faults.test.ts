@@ -10,6 +10,7 @@ import {
   type Broker,
   broker,
   cliArgs,
+  deleteExchangesAfter,
   freshName,
   gate,
   getJson,
@@ -148,7 +149,7 @@ test('a master killed with SIGKILL loses nothing: a new one runs what was not ac
   const b = await broker(t);
   const queue = freshName(t);
   b.cleanup(queue, `${queue}.dead`);
-  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
+  deleteExchangesAfter(t, `${queue}.x`);
   const path = runsFile(t);
   const replies = await b.channel.assertQueue('', { exclusive: true });
   const n = 200;
@@ -261,7 +262,7 @@ test('started while the broker is down, it stays up with /health 503 and connect
   await waitFor('healthy', async () => (await getJson(port, '/health')).status === 200, 30_000);
   const b = await broker(t);
   b.cleanup(queue, `${queue}.dead`);
-  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
+  deleteExchangesAfter(t, `${queue}.x`);
   const replies = await b.channel.assertQueue('', { exclusive: true });
   await b.send(queue, { func: 'add', args: [2, 2] }, { replyTo: replies.queue });
   const [reply] = await b.take(replies.queue, 1);

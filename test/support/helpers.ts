@@ -177,6 +177,32 @@ export async function broker(t: TestContext): Promise<Broker> {
   };
 }
 
+/**
+ * Deletes exchanges when the test ends, on a connection of its own and after the hooks
+ * registered before this call (a started service's stop among them). Not through a
+ * broker(t): its cleanup is registered first and so runs first (t.after runs hooks in
+ * the order they were registered), and its connection is closed by the time a service
+ * started later has stopped. A deletion through it failed, silently, and left a durable
+ * exchange on the broker for every such test.
+ */
+export function deleteExchangesAfter(t: TestContext, ...exchanges: string[]): void {
+  t.after(() => deleteExchanges(exchanges));
+}
+
+async function deleteExchanges(exchanges: string[]): Promise<void> {
+  const connection = await amqp.connect(AMQP_URL).catch(() => undefined);
+  if (connection === undefined) return; // the broker is gone (a fault test's own doing)
+  try {
+    const channel = await connection.createChannel();
+    channel.on('error', () => {});
+    for (const x of exchanges) await channel.deleteExchange(x).catch(() => {});
+  } catch {
+    // Nothing to clean on a broker that refuses us.
+  } finally {
+    await connection.close().catch(() => {});
+  }
+}
+
 /** A config for tests: fresh queue and exchange, any free port, the fixture tasks. */
 export function testConfig(t: { name: string }, overrides: Partial<Config> = {}): Config {
   const parsed = parseConfig([], {});
@@ -219,8 +245,7 @@ export async function startService(
   b.cleanup(config.queue, `${config.queue}.dead`);
   t.after(async () => {
     await service.drain('test teardown');
-    const ch = await b.connection.createChannel().catch(() => undefined);
-    await ch?.deleteExchange(config.exchange).catch(() => {});
+    await deleteExchanges([config.exchange]);
   });
   await service.start();
   await waitFor('the service to consume', () => service.health().status === 'ok');
@@ -315,8 +340,8 @@ export async function startCliService(
 ): Promise<{ b: Broker; cli: SpawnedCli; port: number }> {
   const b = await broker(t);
   b.cleanup(queue, `${queue}.dead`);
-  t.after(() => b.channel.deleteExchange(`${queue}.x`).catch(() => {}));
   const cli = spawnCli(t, cliArgs(queue, extra), env);
+  deleteExchangesAfter(t, `${queue}.x`);
   const port = await readyPort(cli);
   await waitFor('the service to be healthy', async () => (await getJson(port, '/health')).status === 200);
   return { b, cli, port };
