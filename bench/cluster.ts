@@ -9,6 +9,7 @@ import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import amqp, { type ChannelModel, type ConfirmChannel } from 'amqplib';
+import { controlExchangeName } from '../src/amqp/control.ts';
 import { declareTopology } from '../src/amqp/topology.ts';
 import { rateUntil, startServiceProcess } from './service-process.ts';
 
@@ -136,6 +137,7 @@ export async function clusterPhase(log: (msg: string) => void): Promise<ClusterF
     for (const q of made) {
       await channel.deleteQueue(q).catch(() => {});
       await channel.deleteExchange(`${q}.x`).catch(() => {});
+      await channel.deleteExchange(controlExchangeName(q)).catch(() => {});
     }
     await connection.close().catch(() => {});
   }
