@@ -117,11 +117,7 @@ export async function broker(t: TestContext): Promise<Broker> {
   t.after(async () => {
     if (closedBy !== undefined) brokerRefusals.delete(closedBy);
     // A connection the broker closed cannot delete anything: a new one does.
-    const conn = connectionClosed ? await amqp.connect(AMQP_URL).catch(() => undefined) : connection;
-    const ch = await conn?.createChannel().catch(() => undefined);
-    for (const q of toDelete) await ch?.deleteQueue(q).catch(() => {});
-    for (const x of exchangesToDelete) await ch?.deleteExchange(x).catch(() => {});
-    await conn?.close().catch(() => {});
+    await deleteFromBroker(toDelete, exchangesToDelete, connectionClosed ? undefined : connection);
   });
   const drainQueue = (queue: string) => guard(() => drainAll(queue));
   const drainAll = async (queue: string) => {
@@ -186,20 +182,29 @@ export async function broker(t: TestContext): Promise<Broker> {
  * exchange on the broker for every such test.
  */
 export function deleteExchangesAfter(t: TestContext, ...exchanges: string[]): void {
-  t.after(() => deleteExchanges(exchanges));
+  t.after(() => deleteFromBroker([], exchanges));
 }
 
-async function deleteExchanges(exchanges: string[]): Promise<void> {
-  const connection = await amqp.connect(AMQP_URL).catch(() => undefined);
-  if (connection === undefined) return; // the broker is gone (a fault test's own doing)
+/**
+ * Deletes queues and exchanges (each failure ignored), then closes the connection it
+ * used: `connection` when given, else one of its own.
+ */
+async function deleteFromBroker(
+  queues: Iterable<string>,
+  exchanges: Iterable<string>,
+  connection?: ChannelModel,
+): Promise<void> {
+  const conn = connection ?? (await amqp.connect(AMQP_URL).catch(() => undefined));
+  if (conn === undefined) return; // the broker is gone (a fault test's own doing)
   try {
-    const channel = await connection.createChannel();
+    const channel = await conn.createChannel();
     channel.on('error', () => {});
+    for (const q of queues) await channel.deleteQueue(q).catch(() => {});
     for (const x of exchanges) await channel.deleteExchange(x).catch(() => {});
   } catch {
     // Nothing to clean on a broker that refuses us.
   } finally {
-    await connection.close().catch(() => {});
+    await conn.close().catch(() => {});
   }
 }
 
@@ -245,7 +250,7 @@ export async function startService(
   b.cleanup(config.queue, `${config.queue}.dead`);
   t.after(async () => {
     await service.drain('test teardown');
-    await deleteExchanges([config.exchange]);
+    await deleteFromBroker([], [config.exchange]);
   });
   await service.start();
   await waitFor('the service to consume', () => service.health().status === 'ok');
