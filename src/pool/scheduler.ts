@@ -65,6 +65,11 @@ function better(packed: boolean, load: number, bestPacked: boolean, bestLoad: nu
   if (packed !== bestPacked) return packed;
   return packed ? load > bestLoad : load < bestLoad;
 }
+/** Whether a worker may be packed onto: idle, or its running task not past PIPELINE_BUDGET_MS. */
+function runningTinyTasks(running: Job | undefined, now: number): boolean {
+  return running === undefined || now - running.startedAt < PIPELINE_BUDGET_MS;
+}
+
 /**
  * A running task that has run this many times the average (and LONG_TASK_MS at least)
  * has turned out long: it takes no task behind it, and the one it holds is taken back
@@ -280,8 +285,7 @@ export class Scheduler {
         if (planned === 0 && w.held > refillAt) continue;
         if (!w.canTake(planned, depth, now, maxTasks, longMs)) continue;
         const load = w.held + planned;
-        const running = w.running;
-        const packed = pack && (running === undefined || now - running.startedAt < PIPELINE_BUDGET_MS);
+        const packed = pack && runningTinyTasks(w.running, now);
         if (knows && (best === undefined || better(packed, load, bestPacked, bestLoad))) {
           best = w;
           bestLoad = load;
