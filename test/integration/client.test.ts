@@ -148,7 +148,9 @@ test('a call that nobody answers rejects with ERR_CALL_TIMEOUT; a late reply is 
   const started = performance.now();
   await assert.rejects(c.call('add', [1, 2], undefined, { timeoutMs: 300 }), isCode('ERR_CALL_TIMEOUT'));
   const waited = performance.now() - started;
-  assert.ok(waited >= 290 && waited < 5_000, `waited ${waited} ms`);
+  // Its 300 ms, less what Node's cached clock may lag when the timer is armed; the upper
+  // bound only tells a timeout from a call left hanging.
+  assert.ok(waited >= 250 && waited < 30_000, `waited ${waited} ms`);
 
   // The request is there, asking for a direct reply with a correlation id.
   const [late] = await b.drainQueue(queue);
@@ -300,7 +302,7 @@ test('close rejects the calls still waiting with ERR_CLIENT_CLOSED, and later us
   const started = performance.now();
   await c.close();
   await rejected;
-  assert.ok(performance.now() - started < 2_000, 'at once, not at the timeout');
+  assert.ok(performance.now() - started < 30_000, 'at once, not at the 60 s timeout');
   await assert.rejects(c.send('add', [1, 2]), isCode('ERR_CLIENT_CLOSED'));
   await assert.rejects(c.call('add', [1, 2]), isCode('ERR_CLIENT_CLOSED'));
   await c.close(); // idempotent

@@ -194,7 +194,9 @@ test('a drain while a connect hangs ends within the shutdown timeout', async (t)
   const tookMs = performance.now() - start;
   t.diagnostic(`drained in ${Math.round(tookMs)} ms`);
   assert.equal(ending.code, 0);
-  assert.ok(tookMs < 2_000 + 1_000, `the drain took ${tookMs} ms`);
+  // Within the 2 s shutdown timeout, not the 60 s connect timeout: the bound is far from
+  // both, so a busy machine does not fail it and a drain that waited for the connect does.
+  assert.ok(tookMs < 30_000, `the drain took ${tookMs} ms`);
 });
 
 test('channel losses under load: what a dead channel delivered and had not started is dropped, not run twice', async (t) => {

@@ -212,8 +212,9 @@ test('a child running a backlog of synchronous tasks hears a cancel: the drain t
   );
   assert.equal(returned + succeeded, 64);
   // Without a turn of its event loop between tasks, the child would run all 64 (1.3 s)
-  // before it read the cancel.
-  assert.ok(returned >= 32, `${returned} taken back`);
+  // before it read the cancel, and none would be taken back. With it, some 60 are; 16
+  // leaves room for a busy machine to stall this process up to a second before the cancel.
+  assert.ok(returned >= 16, `${returned} taken back`);
 });
 
 test('once a drain begins nothing starts, and a task cancelled meanwhile ends cancelled, not given back', async (t) => {

@@ -84,7 +84,8 @@ function scripted(t: { after: (fn: () => unknown) => void }) {
 const settle = () => new Promise((resolve) => setTimeout(resolve, 10));
 
 async function published(channel: ScriptedChannel, n: number): Promise<Published> {
-  for (let i = 0; i < 100 && channel.published.length < n; i++) await settle();
+  // Up to 20 s: a busy machine may be slow to run the client's publish, never wrong.
+  for (let i = 0; i < 2_000 && channel.published.length < n; i++) await settle();
   const p = channel.published[n - 1];
   assert.ok(p !== undefined, `publish #${n}`);
   return p;
@@ -180,7 +181,7 @@ test('a channel closed by the broker ends every pending call with its reason', a
       return true;
     });
   }
-  assert.ok(performance.now() - started < 1_000, 'at once, not at the timeout');
+  assert.ok(performance.now() - started < 30_000, 'at once, not at the 60 s timeout');
   await assert.rejects(
     client.send('add', [1, 2]),
     (err: unknown) => err instanceof ClientError && err.code === 'ERR_CLIENT_CLOSED',
