@@ -16,6 +16,21 @@ function channel() {
 const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
 const later = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
+/** The timer as Node has it, kept before any test counts the calls to setTimeout. */
+const realSetTimeout = globalThis.setTimeout;
+/**
+ * Waits until `done()`, within a generous ceiling: timers only ever fire late on a busy
+ * machine, so no test waits a fixed time for what a timer does. It polls on the real
+ * timer, so a test that counts the flusher's timers does not count its own.
+ */
+async function until(what: string, done: () => boolean): Promise<void> {
+  const ceiling = performance.now() + 20_000;
+  while (!done()) {
+    assert.ok(performance.now() < ceiling, `${what} within 20 s`);
+    await new Promise<void>((resolve) => realSetTimeout(resolve, 5));
+  }
+}
+
 test('acks reaching the threshold go out at the end of the turn as one multiple ack', async () => {
   const { ch, frames } = channel();
   const f = new AckFlusher(ch, 3);
@@ -34,9 +49,7 @@ test('below the threshold they go out within a few ms; one above a running task 
   f.ack(3); // 2 still runs
   await later(3);
   assert.deepEqual(frames, [[1, true]], 'the multiple ack goes; 3 is held behind 2');
-  // Its hold is 5 ms; wait for the frame itself, with a ceiling, not for a fixed time.
-  for (const until = performance.now() + 5_000; frames.length < 2 && performance.now() < until; )
-    await later(5);
+  await until('the held ack, once its 5 ms hold is over', () => frames.length === 2);
   assert.deepEqual(frames, [
     [1, true],
     [3, false],
@@ -58,10 +71,7 @@ test('an ack held above a running task wakes the flusher when its hold ends, not
   const f = new AckFlusher(ch, 100);
   for (const tag of [1, 2]) f.delivered(tag);
   f.ack(2); // 1 still runs
-  // The test waits on the real timer, so that only the flusher's are counted, and for the
-  // frame itself (within a generous ceiling): a busy machine can stall it past any fixed wait.
-  for (const until = performance.now() + 5_000; frames.length === 0 && performance.now() < until; )
-    await new Promise<void>((resolve) => real(resolve, 5));
+  await until('the held ack', () => frames.length > 0);
   assert.deepEqual(frames, [[2, false]], 'it went alone once its hold was over');
   // One to see it held and one for the end of the hold, and up to two more if those
   // fired a little early: Node counts a timer from the event loop's cached clock, which
@@ -257,15 +267,7 @@ test('with no ack going out, a fence is still sent every 2 s: a silent link is n
     },
   });
   t.after(() => f.stop());
-  // Timers only ever fire late on a busy machine: wait for each with a generous ceiling,
-  // and judge the times the flusher acted at, not the moments this loop noticed.
-  const until = async (what: string, done: () => boolean) => {
-    const ceiling = performance.now() + 20_000;
-    while (!done()) {
-      assert.ok(performance.now() < ceiling, `${what} within 20 s`);
-      await later(50);
-    }
-  };
+  // Judged by the times the flusher acted at, not the moments `until` noticed.
   await until('a probe fence', () => sent === 1);
   assert.ok(sentAt - started >= 2_000, 'the probe came after 2 s of quiet, not before');
   await until('its deadline', () => unanswered === 1);
