@@ -20,6 +20,7 @@
 import type { Channel, ConsumeMessage } from 'amqplib';
 import { AckBatch } from './ack-batch.ts';
 import { isRefusedAsClosing } from './connection.ts';
+import { writeTogetherThisTurn } from './turn-writes.ts';
 
 /** How long an ack may wait to go out with others. */
 const ACK_DELAY_MS = 1;
@@ -187,6 +188,8 @@ export class AckFlusher {
       // amqplib reads only the delivery tag of the message it is given.
       if (upTo !== undefined) this.#channel.ack({ fields: { deliveryTag: upTo } } as ConsumeMessage, true);
       for (const tag of singles) this.#channel.ack({ fields: { deliveryTag: tag } } as ConsumeMessage, false);
+      // Several frames (a multiple ack and the singles above it): one write, not one each.
+      if (singles.length + (upTo === undefined ? 0 : 1) > 1) writeTogetherThisTurn(this.#channel);
     } catch (err) {
       // amqplib refuses a write at once, by a throw, once the channel or its connection has
       // begun to close: the session is ending, and a throw from this timer would end the

@@ -35,6 +35,7 @@ import {
   openConnection,
 } from './connection.ts';
 import { declareTopology, type Topology } from './topology.ts';
+import { writeTogetherThisTurn } from './turn-writes.ts';
 
 export interface PublisherOptions {
   urls: readonly string[];
@@ -159,6 +160,8 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
       };
       try {
         session.channel.publish(exchange, routingKey, content, options, confirmed);
+        // The replies and dead letters of one read of results leave in one write.
+        writeTogetherThisTurn(session.channel);
       } catch (err) {
         session.pending.splice(session.pending.indexOf(entry), 1);
         // Not written because the channel or its connection has begun to close: a try

@@ -18,6 +18,7 @@ import type { ChannelModel, ConfirmChannel, ConsumeMessage, Options } from 'amqp
 import pino from 'pino';
 import { AddressList, isRefusedAsClosing, openFirst } from '../amqp/connection.ts';
 import { BROKER_DEFAULTS, DEFAULT_URLS } from '../amqp/defaults.ts';
+import { writeTogetherThisTurn } from '../amqp/turn-writes.ts';
 import { splitUrls } from '../amqp/url.ts';
 import { ClientError, type FailureKind, SendManyError, TaskCallError } from '../errors.ts';
 import type {
@@ -248,7 +249,10 @@ export class Client<T extends TaskModule = AnyTasks> {
       } else done();
     };
     try {
-      return this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
+      const room = this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
+      // A sendMany's publishes of one turn leave in one write.
+      writeTogetherThisTurn(this.#channel);
+      return room;
     } catch (err) {
       // amqplib throws at once on a channel that has closed or begun to close (its
       // IllegalOperationError), and on a message it cannot encode (a header table too
