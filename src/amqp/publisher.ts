@@ -160,8 +160,6 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
       };
       try {
         session.channel.publish(exchange, routingKey, content, options, confirmed);
-        // The replies and dead letters of one read of results leave in one write.
-        writeTogetherThisTurn(session.channel);
       } catch (err) {
         session.pending.splice(session.pending.indexOf(entry), 1);
         // Not written because the channel or its connection has begun to close: a try
@@ -172,6 +170,8 @@ export class AmqpPublisher extends EventEmitter<PublisherEvents> {
           reject(new PublishRefusedError(`it cannot be encoded: ${(err as Error).message}`, { cause: err }));
         return;
       }
+      // The replies and dead letters of one read of results leave in one write.
+      writeTogetherThisTurn(session.channel);
       this.#watch(session);
     });
   }

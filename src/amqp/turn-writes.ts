@@ -5,12 +5,15 @@
 // the first frame of a turn until just after that multiplexer has run, the socket sends
 // them as one writev (docs/benchmarks.md, "thirteenth pass").
 //
-// Nothing waits for it: no timer, no window. The socket is uncorked in the same check
-// phase that writes the frames, right after the multiplexer's own setImmediate, which
-// amqplib schedules from its channel buffer's 'readable' event, a nextTick queued when
-// the frame is written: ours is queued from a nextTick queued after that one, so it runs
-// after it. Were amqplib ever to write sooner, the frames would simply go out corked
-// until our setImmediate, still within the turn.
+// Nothing waits for it: no timer, no window. The socket is uncorked in the check phase
+// that writes the frames, right after the multiplexer's own setImmediate, which amqplib
+// schedules from its channel buffer's 'readable' event, a nextTick queued when the frame
+// is written: ours is queued from a nextTick queued after that one, so it runs after it.
+// Frames written inside a check phase (an ack flush run by setImmediate) go out in the
+// next iteration's check phase, as they did without the cork, and the poll phase between
+// does not block while immediates are pending. The cork holds only what reaches the
+// socket meanwhile (a heartbeat), in order. Were amqplib ever to write sooner, the frames
+// would simply go out corked until our setImmediate.
 import type { Socket } from 'node:net';
 import type { Channel } from 'amqplib';
 

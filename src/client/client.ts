@@ -248,11 +248,9 @@ export class Client<T extends TaskModule = AnyTasks> {
         );
       } else done();
     };
+    let room: boolean;
     try {
-      const room = this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
-      // A sendMany's publishes of one turn leave in one write.
-      writeTogetherThisTurn(this.#channel);
-      return room;
+      room = this.#channel.publish(this.exchange, this.routingKey, content, properties, confirmed);
     } catch (err) {
       // amqplib throws at once on a channel that has closed or begun to close (its
       // IllegalOperationError), and on a message it cannot encode (a header table too
@@ -267,6 +265,9 @@ export class Client<T extends TaskModule = AnyTasks> {
       done(why);
       return true;
     }
+    // A sendMany's publishes of one turn leave in one write.
+    writeTogetherThisTurn(this.#channel);
+    return room;
   }
 
   /**
