@@ -36,10 +36,8 @@ async function counted(t: TestContext) {
   return { connection, socket, writes };
 }
 
-/** After this turn's check phase and the next one's: before any timer of 1 ms could fire, on an idle loop. */
-const twoTurns = () => new Promise<void>((r) => setImmediate(() => setImmediate(r)));
-
-test('ten publishes of one turn leave in one write, all ten confirmed, and within the turn', async (t) => {
+/** A fresh queue, and a confirm channel on a counted connection with nothing counted yet. */
+async function publishing(t: TestContext) {
   const b = await broker(t);
   const queue = freshName(t);
   await b.channel.assertQueue(queue, { durable: true });
@@ -47,6 +45,14 @@ test('ten publishes of one turn leave in one write, all ten confirmed, and withi
   const { connection, socket, writes } = await counted(t);
   const channel = await connection.createConfirmChannel();
   writes.length = 0;
+  return { b, queue, channel, socket, writes };
+}
+
+/** After this turn's check phase and the next one's: before any timer of 1 ms could fire, on an idle loop. */
+const twoTurns = () => new Promise<void>((r) => setImmediate(() => setImmediate(r)));
+
+test('ten publishes of one turn leave in one write, all ten confirmed, and within the turn', async (t) => {
+  const { b, queue, channel, socket, writes } = await publishing(t);
   const confirms: Promise<void>[] = [];
   for (let i = 0; i < 10; i++) {
     confirms.push(
@@ -69,26 +75,14 @@ test('ten publishes of one turn leave in one write, all ten confirmed, and withi
 });
 
 test('without it, amqplib writes each publish on its own (what the coalescing saves)', async (t) => {
-  const b = await broker(t);
-  const queue = freshName(t);
-  await b.channel.assertQueue(queue, { durable: true });
-  b.cleanup(queue);
-  const { connection, writes } = await counted(t);
-  const channel = await connection.createConfirmChannel();
-  writes.length = 0;
+  const { queue, channel, writes } = await publishing(t);
   for (let i = 0; i < 10; i++) channel.sendToQueue(queue, Buffer.from(`m${i}`));
   await channel.waitForConfirms();
   assert.equal(writes.length, 10, `ten writes: ${JSON.stringify(writes)}`);
 });
 
 test('a lone publish goes out in its own turn, and the next turn corks afresh', async (t) => {
-  const b = await broker(t);
-  const queue = freshName(t);
-  await b.channel.assertQueue(queue, { durable: true });
-  b.cleanup(queue);
-  const { connection, socket, writes } = await counted(t);
-  const channel = await connection.createConfirmChannel();
-  writes.length = 0;
+  const { b, queue, channel, socket, writes } = await publishing(t);
   channel.sendToQueue(queue, Buffer.from('one'));
   writeTogetherThisTurn(channel);
   await twoTurns();
