@@ -7,11 +7,17 @@ import { once } from 'node:events';
 import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import amqp, { type ConfirmChannel } from 'amqplib';
-import { controlExchangeName } from '../src/amqp/control.ts';
 import { createClient } from '../src/client/client.ts';
 import { testBrokerUrl } from '../test/support/broker-url.ts';
 import { type ClusterFigures, clusterConnection, clusterPhase, rawRate } from './cluster.ts';
-import { outcomes, type ServiceProcess, sample, sleep, startServiceProcess } from './service-process.ts';
+import {
+  deleteServiceExchanges,
+  outcomes,
+  type ServiceProcess,
+  sample,
+  sleep,
+  startServiceProcess,
+} from './service-process.ts';
 
 /** AMQP_URL, or the default account the local broker accepts (as the tests choose). */
 const AMQP_URL = await testBrokerUrl();
@@ -76,9 +82,7 @@ async function startService(workers: number, queue: string, extra: string[] = []
   const service = await startServiceProcess({ amqpUrl: AMQP_URL, queue, workers, extra });
   const stop = async () => {
     await service.stop();
-    // The service declares both: its exchange and the control exchange of cancels.
-    await channel.deleteExchange(`${queue}.x`).catch(() => {});
-    await channel.deleteExchange(controlExchangeName(queue)).catch(() => {});
+    await deleteServiceExchanges(channel, queue);
   };
   return { ...service, stop };
 }

@@ -9,9 +9,8 @@ import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import amqp, { type ChannelModel, type ConfirmChannel } from 'amqplib';
-import { controlExchangeName } from '../src/amqp/control.ts';
 import { declareTopology } from '../src/amqp/topology.ts';
-import { rateUntil, startServiceProcess } from './service-process.ts';
+import { deleteServiceExchanges, rateUntil, startServiceProcess } from './service-process.ts';
 
 const KIT = fileURLToPath(new URL('../../shared/rabbitmq-versions', import.meta.url));
 const NODES = [5681, 5682, 5683].map((port) => `amqp://testuser:testuser@127.0.0.1:${port}/`);
@@ -136,8 +135,7 @@ export async function clusterPhase(log: (msg: string) => void): Promise<ClusterF
   } finally {
     for (const q of made) {
       await channel.deleteQueue(q).catch(() => {});
-      await channel.deleteExchange(`${q}.x`).catch(() => {});
-      await channel.deleteExchange(controlExchangeName(q)).catch(() => {});
+      await deleteServiceExchanges(channel, q);
     }
     await connection.close().catch(() => {});
   }

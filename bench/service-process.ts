@@ -5,6 +5,8 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { fileURLToPath } from 'node:url';
+import type { Channel } from 'amqplib';
+import { controlExchangeName } from '../src/amqp/control.ts';
 
 const CLI = fileURLToPath(new URL('../src/cli/main.ts', import.meta.url));
 const TASKS = fileURLToPath(new URL('./tasks.ts', import.meta.url));
@@ -19,6 +21,12 @@ export interface ServiceProcess {
   total: () => Promise<number>;
   /** SIGTERM (a drain), resolved when the process has exited. */
   stop: () => Promise<void>;
+}
+
+/** Deletes what a service declares beside its queue: its exchange and the control exchange of cancels. */
+export async function deleteServiceExchanges(channel: Channel, queue: string): Promise<void> {
+  await channel.deleteExchange(`${queue}.x`).catch(() => {});
+  await channel.deleteExchange(controlExchangeName(queue)).catch(() => {});
 }
 
 /** Outcomes in one /metrics text, all outcomes summed (amqp_concurrency_tasks_total). */
