@@ -10,38 +10,52 @@ import { AckFlusher } from '../../src/amqp/ack-flusher.ts';
 import { AmqpPublisher } from '../../src/amqp/publisher.ts';
 import { writeTogetherThisTurn } from '../../src/amqp/turn-writes.ts';
 import { createClient } from '../../src/client/client.ts';
-import { AMQP_URL, broker, freshName, waitFor } from '../support/helpers.ts';
+import { AMQP_URL, type Broker, broker, freshName, waitFor } from '../support/helpers.ts';
 
-/** A connection of the test's own, and the writes its socket makes (one entry per write, holding its chunk count). */
+/**
+ * Counts the writes made through `target`'s write paths (one socket, or every socket
+ * through their prototype): one entry per write syscall, holding its chunk count (a
+ * writev for several chunks).
+ */
+function countWrites(target: object): { writes: number[]; restore: () => void } {
+  const paths = target as {
+    _write: (...a: unknown[]) => void;
+    _writev: (chunks: unknown[], cb: unknown) => void;
+  };
+  const { _write, _writev } = paths;
+  const writes: number[] = [];
+  paths._write = function (this: unknown, ...a: unknown[]) {
+    writes.push(1);
+    _write.apply(this, a);
+  };
+  paths._writev = function (this: unknown, chunks: unknown[], cb: unknown) {
+    writes.push(chunks.length);
+    _writev.call(this, chunks, cb);
+  };
+  return { writes, restore: () => Object.assign(paths, { _write, _writev }) };
+}
+
+/** A connection of the test's own, and the writes its socket makes. */
 async function counted(t: TestContext) {
   const connection = await amqp.connect(AMQP_URL);
   t.after(() => connection.close().catch(() => {}));
   const socket = (connection.connection as unknown as { stream: Socket }).stream;
-  const writes: number[] = [];
-  // The socket's own write paths: one call is one write syscall (writev for several chunks).
-  const s = socket as unknown as {
-    _write: (...a: unknown[]) => void;
-    _writev: (chunks: unknown[], cb: unknown) => void;
-  };
-  const write = s._write.bind(socket);
-  const writev = s._writev.bind(socket);
-  s._write = (...a: unknown[]) => {
-    writes.push(1);
-    write(...a);
-  };
-  s._writev = (chunks: unknown[], cb: unknown) => {
-    writes.push(chunks.length);
-    writev(chunks, cb);
-  };
+  const { writes } = countWrites(socket);
   return { connection, socket, writes };
 }
 
-/** A fresh queue, and a confirm channel on a counted connection with nothing counted yet. */
-async function publishing(t: TestContext) {
+/** A fresh queue on the test's broker, deleted at teardown. */
+async function freshQueue(t: TestContext): Promise<{ b: Broker; queue: string }> {
   const b = await broker(t);
   const queue = freshName(t);
   await b.channel.assertQueue(queue, { durable: true });
   b.cleanup(queue);
+  return { b, queue };
+}
+
+/** A fresh queue, and a confirm channel on a counted connection with nothing counted yet. */
+async function publishing(t: TestContext) {
+  const { b, queue } = await freshQueue(t);
   const { connection, socket, writes } = await counted(t);
   const channel = await connection.createConfirmChannel();
   writes.length = 0;
@@ -99,10 +113,7 @@ test('a lone publish goes out in its own turn, and the next turn corks afresh', 
 });
 
 test("the ack flusher's frames of one flush (a multiple ack and singles) leave in one write", async (t) => {
-  const b = await broker(t);
-  const queue = freshName(t);
-  await b.channel.assertQueue(queue, { durable: true });
-  b.cleanup(queue);
+  const { b, queue } = await freshQueue(t);
   for (let i = 0; i < 8; i++) await b.send(queue, `m${i}`);
   const { connection, writes } = await counted(t);
   const channel: Channel = await connection.createChannel();
@@ -129,21 +140,7 @@ test("the ack flusher's frames of one flush (a multiple ack and singles) leave i
 
 /** Every socket write made while `run` runs, as chunk counts: the service's own connections are not reachable from outside. */
 async function socketWritesDuring(t: TestContext, run: () => Promise<void>): Promise<number[]> {
-  const proto = net.Socket.prototype as unknown as {
-    _write: (...a: unknown[]) => void;
-    _writev: (chunks: unknown[], cb: unknown) => void;
-  };
-  const { _write, _writev } = proto;
-  const writes: number[] = [];
-  proto._write = function (this: unknown, ...a: unknown[]) {
-    writes.push(1);
-    _write.apply(this, a);
-  };
-  proto._writev = function (this: unknown, chunks: unknown[], cb: unknown) {
-    writes.push(chunks.length);
-    _writev.call(this, chunks, cb);
-  };
-  const restore = () => Object.assign(proto, { _write, _writev });
+  const { writes, restore } = countWrites(net.Socket.prototype);
   t.after(restore);
   try {
     await run();
@@ -154,10 +151,7 @@ async function socketWritesDuring(t: TestContext, run: () => Promise<void>): Pro
 }
 
 test("the publisher's publishes of one turn (a read of results: replies, dead letters) leave in one write", async (t) => {
-  const b = await broker(t);
-  const queue = freshName(t);
-  await b.channel.assertQueue(queue, { durable: true });
-  b.cleanup(queue);
+  const { b, queue } = await freshQueue(t);
   const publisher = new AmqpPublisher({
     urls: [AMQP_URL],
     connectTimeoutMs: 10_000,
@@ -174,10 +168,7 @@ test("the publisher's publishes of one turn (a read of results: replies, dead le
 });
 
 test("the client's sendMany of one turn leaves in one write", async (t) => {
-  const b = await broker(t);
-  const queue = freshName(t);
-  await b.channel.assertQueue(queue, { durable: true });
-  b.cleanup(queue);
+  const { b, queue } = await freshQueue(t);
   const client = await createClient({ url: AMQP_URL, exchange: '', routingKey: queue });
   t.after(() => client.close());
   const writes = await socketWritesDuring(t, async () => {
