@@ -10,13 +10,15 @@
 // on the master's clock. A kill is never the end of the story by itself: the exit is
 // awaited (after the results pipe has been read to its end, so results the child wrote
 // before dying are counted), and only then are its remaining tasks resolved, as
-// task-end.ts says.
+// task-end.ts says. How tasks cross to the child, and the two ways that can fail, is
+// hand-over.ts's.
 import { EventEmitter } from 'node:events';
 import type { Logger } from 'pino';
-import { type ServiceError, serializeError, taskFailure } from '../errors.ts';
+import type { ServiceError } from '../errors.ts';
 import type { CancelledMessage, ResultLine } from '../ipc/protocol.ts';
 import type { TaskLimits } from '../ipc/task-options.ts';
 import { Child } from './child.ts';
+import { HandOver } from './hand-over.ts';
 import { HeldJobs } from './held-jobs.ts';
 import { mayHoldMore } from './hold-rule.ts';
 import type { Job } from './job.ts';
@@ -103,6 +105,8 @@ export class Slot extends EventEmitter<SlotEvents> {
   #protocolProblem: string | undefined;
   /** How its running task is stopped: at its time limit, or by a cancel (task-stop.ts). */
   readonly #taskStop: TaskStop;
+  /** How tasks cross to the child, and what happens when they cannot (hand-over.ts). */
+  readonly #handOver: HandOver;
   tasksDone = 0;
 
   constructor(opts: SlotOptions) {
@@ -129,6 +133,16 @@ export class Slot extends EventEmitter<SlotEvents> {
         this.#child.send({ type: 'abort', taskId: job.taskId, reason, ...(cancel ? { cancel: true } : {}) }),
       takeBack: () => this.takeBack(),
       kill: (why) => this.#kill(why),
+    });
+    this.#handOver = new HandOver({
+      child: this.#child,
+      jobs: this.#jobs,
+      limits: () => this.#limits,
+      taskTimeoutMs: opts.taskTimeoutMs,
+      rssEachTask: opts.rssEachTask,
+      maxResultBytes: opts.maxResultBytes,
+      log: this.#log,
+      returned: (jobs) => this.emit('returned', jobs),
     });
     this.#child.on('done', (lines) => this.#onResults(lines));
     this.#child.on('cancelled', (msg) => this.#onCancelled(msg));
@@ -236,62 +250,9 @@ export class Slot extends EventEmitter<SlotEvents> {
     return mayHoldMore(load, depth, first === undefined ? undefined : now - first.startedAt, longMs);
   }
 
-  /** Hands tasks over, in order, after those it holds. */
+  /** Hands tasks over, in order, after those it holds (hand-over.ts). */
   hand(jobs: Job[]): void {
-    this.#jobs.add(jobs);
-    try {
-      if (!this.#send(jobs)) this.#undeliverable(jobs);
-    } catch {
-      // One of them cannot be serialised (nested past JSON.stringify's stack): send them
-      // one by one, so that only the unsendable ones end, and nothing else is disturbed.
-      for (const job of jobs) {
-        try {
-          if (!this.#send([job])) this.#undeliverable([job]);
-        } catch (err) {
-          this.#unsendable(job, err);
-        }
-      }
-    }
-  }
-
-  /** The child can no longer be told anything (it is exiting): these were never sent, they go back. */
-  #undeliverable(jobs: Job[]): void {
-    const back = new Set(jobs);
-    this.#jobs.remove((j) => back.has(j));
-    for (const job of jobs) {
-      clearTimeout(job.timer);
-      job.timer = undefined;
-      job.startedAt = 0;
-    }
-    // Not from inside the dispatch that handed them over: after it.
-    queueMicrotask(() => this.emit('returned', jobs));
-  }
-
-  #send(jobs: Job[]): boolean {
-    const limits = this.#limits;
-    const tasks = jobs.map((job) => job.frame(limits[job.request.func]?.timeoutMs));
-    return this.#child.send({
-      type: 'run',
-      tasks,
-      timeoutMs: this.#opts.taskTimeoutMs,
-      rssEachTask: this.#opts.rssEachTask,
-      maxResultBytes: this.#opts.maxResultBytes,
-    });
-  }
-
-  /** A task that cannot reach the child ends alone, as crashed: never the process. */
-  #unsendable(job: Job, err: unknown): void {
-    this.#jobs.remove((j) => j === job);
-    const cause = serializeError(err);
-    this.#log.error(
-      { taskId: job.taskId, func: job.request.func, err },
-      'a task could not be handed to its worker',
-    );
-    job.end({
-      outcome: 'crashed',
-      error: taskFailure.dispatch('the task could not be handed to a worker', cause),
-      durationMs: 0,
-    });
+    this.#handOver.hand(jobs);
   }
 
   /**
