@@ -33,6 +33,13 @@ import { isRenewed, logFields, type Work } from './work.ts';
 
 /** How a publish ended: confirmed, refused for good (see PublishRefusedError), or failed for now. */
 type PublishResult = 'ok' | 'refused' | 'failed';
+/** What a publish came to, and why when it failed. */
+interface Published {
+  readonly status: PublishResult;
+  readonly reason: string;
+}
+/** A confirmed publish: one shared answer (nobody changes it), not an object per task. */
+const PUBLISHED: Published = Object.freeze({ status: 'ok', reason: '' });
 
 export interface SettlementOptions {
   pool: Pick<Pool, 'limits'>;
@@ -213,25 +220,32 @@ export class Settlement {
       });
   }
 
-  /** Publishes a copy (a reply, a dead letter, a retry or delayed copy, a renewal); nothing to publish is a success. */
-  async publish(publication: Publication | undefined): Promise<{ status: PublishResult; reason: string }> {
-    if (publication === undefined) return { status: 'ok', reason: '' };
+  /**
+   * Publishes a copy (a reply, a dead letter, a retry or delayed copy, a renewal); nothing
+   * to publish is a success. A plain function with one `.then`, not an async one: it runs
+   * once per reply, and each async frame on this path is an allocation per task.
+   */
+  publish(publication: Publication | undefined): Promise<Published> {
+    if (publication === undefined) return Promise.resolve(PUBLISHED);
+    let confirmed: Promise<void>;
     try {
-      await this.#opts.publisher.publish(
-        publication.exchange,
-        publication.routingKey,
-        publication.content,
-        publication.options,
-      );
-      return { status: 'ok', reason: '' };
+      const { exchange, routingKey, content, options } = publication;
+      confirmed = this.#opts.publisher.publish(exchange, routingKey, content, options);
     } catch (err) {
-      const refused = err instanceof PublishRefusedError;
-      this.#opts.metrics.publishFailures.inc({
-        reason: refused ? 'refused' : err instanceof UnroutableError ? 'unroutable' : 'unconfirmed',
-      });
-      this.#log.error({ err }, 'publish failed');
-      return { status: refused ? 'refused' : 'failed', reason: (err as Error).message };
+      // Never a throw from here, as from the async function this was: a failed publish.
+      confirmed = Promise.reject(err);
     }
+    return confirmed.then(
+      () => PUBLISHED,
+      (err: unknown) => {
+        const refused = err instanceof PublishRefusedError;
+        this.#opts.metrics.publishFailures.inc({
+          reason: refused ? 'refused' : err instanceof UnroutableError ? 'unroutable' : 'unconfirmed',
+        });
+        this.#log.error({ err }, 'publish failed');
+        return { status: refused ? 'refused' : 'failed', reason: (err as Error).message };
+      },
+    );
   }
 
   /** The delay queue exists (declared on first use; a failed declaration shows as an unroutable copy). */
@@ -244,20 +258,27 @@ export class Settlement {
   async #publishThenAck(work: Work, plan: OutcomePlan, ending: Ending): Promise<void> {
     const step = work.retry?.step;
     if (plan.retry && step !== undefined) await this.#declareStep(step);
-    const [replied, copied] = await Promise.all([
+    const reply = () =>
       this.#publishOrReplace(
         work,
         plan.reply,
         refusedReply,
         'the reply was refused; replying with the error',
-      ),
+      );
+    const copy = () =>
       this.#publishOrReplace(
         work,
         plan.deadLetter,
         cleanedCopy,
         'the dead-letter copy cannot be published as it is: publishing a cleaned copy',
-      ),
-    ]);
+      );
+    // Both at once when there are both; one alone (a reply, the usual case) is awaited alone.
+    const [replied, copied] =
+      plan.deadLetter === undefined
+        ? [await reply(), 'ok']
+        : plan.reply === undefined
+          ? ['ok', await copy()]
+          : await Promise.all([reply(), copy()]);
     if (plan.reply !== undefined && replied !== 'ok') {
       this.#log.error(
         { ...logFields(work), replyTo: plan.reply.routingKey },
@@ -286,16 +307,17 @@ export class Settlement {
    * `replacement` makes of it (a cleaned dead-letter copy, a short error reply), so that
    * the message still ends. Nothing to publish is a success.
    */
-  async #publishOrReplace(
+  #publishOrReplace(
     work: Work,
     publication: Publication | undefined,
     replacement: (refused: Publication, reason: string) => Publication,
     saying: string,
   ): Promise<PublishResult> {
-    const result = await this.publish(publication);
-    if (result.status !== 'refused' || publication === undefined) return result.status;
-    this.#log.error({ ...logFields(work), reason: result.reason }, saying);
-    return (await this.publish(replacement(publication, result.reason))).status;
+    return this.publish(publication).then((result) => {
+      if (result.status !== 'refused' || publication === undefined) return result.status;
+      this.#log.error({ ...logFields(work), reason: result.reason }, saying);
+      return this.publish(replacement(publication, result.reason)).then((again) => again.status);
+    });
   }
 
   /** Acks (the latest delivery of the message), counts and logs the outcome. */
