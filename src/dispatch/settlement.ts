@@ -258,27 +258,20 @@ export class Settlement {
   async #publishThenAck(work: Work, plan: OutcomePlan, ending: Ending): Promise<void> {
     const step = work.retry?.step;
     if (plan.retry && step !== undefined) await this.#declareStep(step);
-    const reply = () =>
-      this.#publishOrReplace(
-        work,
-        plan.reply,
-        refusedReply,
-        'the reply was refused; replying with the error',
-      );
-    const copy = () =>
-      this.#publishOrReplace(
-        work,
-        plan.deadLetter,
-        cleanedCopy,
-        'the dead-letter copy cannot be published as it is: publishing a cleaned copy',
-      );
+    const reply = plan.reply;
+    const copy = plan.deadLetter;
+    const replying = 'the reply was refused; replying with the error';
+    const copying = 'the dead-letter copy cannot be published as it is: publishing a cleaned copy';
     // Both at once when there are both; one alone (a reply, the usual case) is awaited alone.
-    const [replied, copied] =
-      plan.deadLetter === undefined
-        ? [await reply(), 'ok']
-        : plan.reply === undefined
-          ? ['ok', await copy()]
-          : await Promise.all([reply(), copy()]);
+    let replied: PublishResult = 'ok';
+    let copied: PublishResult = 'ok';
+    if (copy === undefined) replied = await this.#publishOrReplace(work, reply, refusedReply, replying);
+    else if (reply === undefined) copied = await this.#publishOrReplace(work, copy, cleanedCopy, copying);
+    else
+      [replied, copied] = await Promise.all([
+        this.#publishOrReplace(work, reply, refusedReply, replying),
+        this.#publishOrReplace(work, copy, cleanedCopy, copying),
+      ]);
     if (plan.reply !== undefined && replied !== 'ok') {
       this.#log.error(
         { ...logFields(work), replyTo: plan.reply.routingKey },
