@@ -34,10 +34,7 @@ import { isRenewed, logFields, type Work } from './work.ts';
 /** How a publish ended: confirmed, refused for good (see PublishRefusedError), or failed for now. */
 type PublishResult = 'ok' | 'refused' | 'failed';
 /** What a publish came to, and why when it failed. */
-interface Published {
-  readonly status: PublishResult;
-  readonly reason: string;
-}
+type Published = { readonly status: PublishResult; readonly reason: string };
 /** A confirmed publish: one shared answer (nobody changes it), not an object per task. */
 const PUBLISHED: Published = Object.freeze({ status: 'ok', reason: '' });
 
@@ -221,9 +218,8 @@ export class Settlement {
   }
 
   /**
-   * Publishes a copy (a reply, a dead letter, a retry or delayed copy, a renewal); nothing
-   * to publish is a success. A plain function with one `.then`, not an async one: it runs
-   * once per reply, and each async frame on this path is an allocation per task.
+   * Publishes a copy (a reply, a dead letter, a retry or delayed copy, a renewal); nothing to publish
+   * is a success. One `.then`, no async frame: it runs once per reply, an allocation per task.
    */
   publish(publication: Publication | undefined): Promise<Published> {
     if (publication === undefined) return Promise.resolve(PUBLISHED);
@@ -258,8 +254,7 @@ export class Settlement {
   async #publishThenAck(work: Work, plan: OutcomePlan, ending: Ending): Promise<void> {
     const step = work.retry?.step;
     if (plan.retry && step !== undefined) await this.#declareStep(step);
-    const reply = plan.reply;
-    const copy = plan.deadLetter;
+    const { reply, deadLetter: copy } = plan;
     const replying = 'the reply was refused; replying with the error';
     const copying = 'the dead-letter copy cannot be published as it is: publishing a cleaned copy';
     // Both at once when there are both; one alone (a reply, the usual case) is awaited alone.
