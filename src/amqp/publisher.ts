@@ -23,6 +23,7 @@
 // The publish budget is wall-clock time from the first try, backoff included; only time
 // the broker spends blocking the connection (an alarm) is not counted.
 import { EventEmitter } from 'node:events';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { ConfirmChannel, ConsumeMessage, Options } from 'amqplib';
 import type { Logger } from 'pino';
 import { PublishRefusedError, UnroutableError } from '../errors.ts';
@@ -77,8 +78,6 @@ interface Tries {
   blocked: number;
   refusals: number;
 }
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 export class AmqpPublisher extends EventEmitter<PublisherEvents> {
   readonly #opts: PublisherOptions;
