@@ -24,6 +24,15 @@ import { writeTogetherThisTurn } from './turn-writes.ts';
 
 /** How long an ack may wait to go out with others. */
 const ACK_DELAY_MS = 1;
+/**
+ * How long an ack may wait instead, while tasks wait in the master for a worker (the
+ * owner's `mayWait`): its place in the window then feeds no one. With long tasks each ack
+ * went out alone, and each frame cost a write, a wake-up of the broker, a delivery back
+ * and a wake-up of the master: the broker's CPU and the master's for a 10 ms task, taken
+ * from the workers (docs/benchmarks.md, "fifteenth pass"). Acks that waited go out
+ * together, with their fence in the same write. The threshold still bounds what waits.
+ */
+const ACK_WAIT_MS = 20;
 /** How long a delivery may hold back the acks above it before they go out alone (see #flushTimed). */
 const ACK_HOLD_MS = 5;
 /**
@@ -72,6 +81,10 @@ export class AckFlusher {
   #later: NodeJS.Timeout | undefined;
   /** When #later fires. */
   #laterAt = 0;
+  /** #later is an ACK_WAIT_MS wait: its acks take their fence along. */
+  #laterWaits = false;
+  /** Whether acks may wait ACK_WAIT_MS now (tasks wait in the master for a worker). */
+  readonly #mayWait: (() => boolean) | undefined;
   /** The lowest unsettled delivery at the last timed flush, and since when it has been. */
   #lowest: { tag: number | undefined; since: number } = { tag: undefined, since: 0 };
   #stopped = false;
@@ -92,10 +105,11 @@ export class AckFlusher {
   /** When the last fence was answered: the next one goes FENCE_EVERY_MS after it at the soonest. */
   #lastAnswerAt = Number.NEGATIVE_INFINITY;
 
-  constructor(channel: Channel, flushAt: number, fence?: Fence) {
+  constructor(channel: Channel, flushAt: number, fence?: Fence, mayWait?: () => boolean) {
     this.#channel = channel;
     this.#flushAt = flushAt;
     this.#fence = fence;
+    this.#mayWait = mayWait;
     if (fence !== undefined) {
       this.#probe = setInterval(() => {
         if (!this.#fenceInFlight && performance.now() - this.#lastFenceAt >= FENCE_PROBE_MS)
@@ -127,6 +141,7 @@ export class AckFlusher {
     if (this.#stopped) return;
     this.#batch.ack(tag);
     if (this.#batch.pending >= this.#flushAt) this.#soon ??= setImmediate(() => this.flush(true));
+    else if (this.#mayWait?.() === true) this.#flushWithin(ACK_WAIT_MS, true);
     else this.#flushWithin(ACK_DELAY_MS);
   }
 
@@ -142,13 +157,14 @@ export class AckFlusher {
    * ack or a settle may free what is held: every timer that fires wakes the master, and
    * while a worker runs a 10 ms task the master has nothing else to wake for.
    */
-  #flushWithin(ms: number): void {
+  #flushWithin(ms: number, waits = false): void {
     const at = performance.now() + ms;
     if (this.#later !== undefined) {
       if (this.#laterAt <= at) return;
       clearTimeout(this.#later);
     }
     this.#laterAt = at;
+    this.#laterWaits = waits;
     this.#later = setTimeout(() => this.#flushTimed(), ms);
   }
 
@@ -163,11 +179,17 @@ export class AckFlusher {
     const lowest = this.#batch.lowestUnsettled;
     const now = performance.now();
     if (lowest !== this.#lowest.tag) this.#lowest = { tag: lowest, since: now };
-    this.flush(now - this.#lowest.since < ACK_HOLD_MS);
+    // Acks that waited ACK_WAIT_MS are not held back further: another wake-up to send
+    // them would cost more than the frame they might save.
+    const waited = this.#laterWaits;
+    this.flush(!waited && now - this.#lowest.since < ACK_HOLD_MS, waited);
   }
 
-  /** Sends the acks made so far; `holdBack` keeps those above a delivery still running. */
-  flush(holdBack = false): void {
+  /**
+   * Sends the acks made so far; `holdBack` keeps those above a delivery still running;
+   * `fenceNow`: they waited ACK_WAIT_MS, and their fence goes in the same write.
+   */
+  flush(holdBack = false, fenceNow = false): void {
     clearImmediate(this.#soon);
     this.#soon = undefined;
     if (!holdBack) {
@@ -188,8 +210,10 @@ export class AckFlusher {
       // amqplib reads only the delivery tag of the message it is given.
       if (upTo !== undefined) this.#channel.ack({ fields: { deliveryTag: upTo } } as ConsumeMessage, true);
       for (const tag of singles) this.#channel.ack({ fields: { deliveryTag: tag } } as ConsumeMessage, false);
-      // Several frames (a multiple ack and the singles above it): one write, not one each.
-      if (singles.length + (upTo === undefined ? 0 : 1) > 1) writeTogetherThisTurn(this.#channel);
+      // Several frames (a multiple ack and the singles above it, or acks and their fence):
+      // one write, not one each.
+      if (singles.length + (upTo === undefined ? 0 : 1) > (fenceNow ? 0 : 1))
+        writeTogetherThisTurn(this.#channel);
     } catch (err) {
       // amqplib refuses a write at once, by a throw, once the channel or its connection has
       // begun to close: the session is ending, and a throw from this timer would end the
@@ -203,7 +227,7 @@ export class AckFlusher {
     if (sent.length > 0 && this.#fence !== undefined) {
       if (this.#unfenced.length === 0) this.#unfencedSince = performance.now();
       for (const tag of sent) this.#unfenced.push(tag);
-      this.#fenceSoon();
+      this.#fenceSoon(fenceNow);
     }
   }
 
@@ -212,12 +236,17 @@ export class AckFlusher {
    * wait, else FENCE_WITHIN_MS), unless one is on its way: its answer sends the next one
    * for what came meanwhile. One timer, moved earlier when the batch fills.
    */
-  #fenceSoon(): void {
+  #fenceSoon(now = false): void {
     if (this.#fenceInFlight || this.#stopped) return;
-    const wait = this.#unfenced.length >= FENCE_BATCH ? FENCE_EVERY_MS : FENCE_WITHIN_MS;
+    const wait = now ? 0 : this.#unfenced.length >= FENCE_BATCH ? FENCE_EVERY_MS : FENCE_WITHIN_MS;
     // And never sooner than FENCE_EVERY_MS after the last answer: under load, a fence's
     // round trip plus 5 ms apart, as they always were.
     const at = Math.max(this.#unfencedSince + wait, this.#lastAnswerAt + FENCE_EVERY_MS);
+    // Acks that waited ACK_WAIT_MS: their fence follows them in the same turn (one write).
+    if (now && at <= performance.now()) {
+      this.#sendFence();
+      return;
+    }
     if (this.#fenceTimer !== undefined) {
       if (this.#fenceAt <= at) return;
       clearTimeout(this.#fenceTimer);

@@ -47,13 +47,14 @@ export interface ConsumerOptions {
   onChannelLost?: (lost: LostSession) => void;
   /**
    * What to keep of a delivery acked until its ack is proven, for LostSession.uncertain.
-   * Not the message: it is kept for a fence's round trip and more (tens of ms under load),
-   * past two scavenges, so what is kept is promoted to the old generation, a task after
-   * a task; the whole message (its fields, properties and headers) was most of what the
-   * master's old generation grew by (docs/benchmarks.md). A memo that is the body keeps
-   * the socket read it is a view of, as the message did. Without it, nothing is kept.
+   * Not the message: kept past two scavenges (a fence's round trip and more), what is
+   * kept is promoted, and whole messages were most of what the master's old generation
+   * grew by (docs/benchmarks.md). A body memo keeps the socket read it is a view of, as
+   * the message did. Without it, nothing is kept.
    */
   ackMemo?: (message: ConsumeMessage) => AckMemo;
+  /** Whether deliveries wait in the owner for a worker: acks may then wait longer (ack-flusher.ts). */
+  acksMayWait?: () => boolean;
   /** A session is consuming: what else should live on its connection (the control exchange's listener). */
   onConsuming?: (connection: BrokerConnection) => void;
   reconnect?: { initialMs: number; maxMs: number };
@@ -116,10 +117,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     return this.#flow.prefetch;
   }
 
-  /**
-   * Changes the prefetch, for the live consumer now and on every later session
-   * (consumer-flow.ts): the live consumer is replaced by one under the new limit.
-   */
+  /** A new prefetch, now and for later sessions: the live consumer is replaced (consumer-flow.ts). */
   setPrefetch(count: number): Promise<void> {
     return this.#flow.setPrefetch(count);
   }
@@ -129,10 +127,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
     return this.#flow.paused;
   }
 
-  /**
-   * Stops new deliveries for now and keeps the channel, so that what is in flight is still
-   * settled on it; resume() starts a consumer again (consumer-flow.ts).
-   */
+  /** Stops deliveries and keeps the channel, to settle what is in flight; resume() consumes again. */
   pause(): void {
     this.#flow.pause();
   }
@@ -325,6 +320,7 @@ export class AmqpConsumer extends EventEmitter<ConsumerEvents> {
       }
       session = new ConsumerSession(connection, channel, ackFlushThreshold(this.#flow.prefetch), {
         memo: this.#opts.ackMemo,
+        acksMayWait: this.#opts.acksMayWait,
         // basic.qos with the prefetch in force: cheap, answered in order after the acks.
         run: () => channel.prefetch(this.#flow.prefetch),
         onUnanswered: (waitedMs) => {

@@ -30,6 +30,8 @@ export class ConsumerSession {
     ackFlushAt: number,
     fence?: Pick<Fence, 'run' | 'onUnanswered'> & {
       memo?: ((message: ConsumeMessage) => AckMemo) | undefined;
+      /** Whether acks may wait longer to go out together (AckFlusher's mayWait). */
+      acksMayWait?: (() => boolean) | undefined;
     },
   ) {
     this.connection = connection;
@@ -47,6 +49,7 @@ export class ConsumerSession {
               for (const tag of tags) this.#uncertain.delete(tag);
             },
           },
+      fence?.acksMayWait,
     );
   }
 

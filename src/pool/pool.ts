@@ -286,6 +286,11 @@ export class Pool extends EventEmitter<PoolEvents> {
     return requests;
   }
 
+  /** Tasks waiting in the master for a worker (not those a worker holds). */
+  get queued(): number {
+    return this.#scheduler.queued;
+  }
+
   stats(): PoolStats {
     const stats: PoolStats = {
       desired: this.#supervisor.desired,

@@ -225,6 +225,70 @@ test('a few acks wait 25 ms for their fence; once 32 wait, it goes 5 ms after th
   assert.equal(sent, 2, '33 acks: the fence went 5 ms after the first, not 5 after the batch filled');
 });
 
+test('while tasks wait for a worker, acks wait 20 ms and go out with their fence; once none wait, within 1 ms', async (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
+  let clock = 1_000;
+  t.mock.method(performance, 'now', () => clock);
+  const advance = (ms: number) => {
+    clock += ms;
+    t.mock.timers.tick(ms);
+  };
+  // The timers the flusher arms: a fence sent in the acks' own turn arms none of its own.
+  const delays: (number | undefined)[] = [];
+  const mocked = globalThis.setTimeout;
+  globalThis.setTimeout = ((fn: () => void, ms?: number) => {
+    delays.push(ms);
+    return mocked(fn, ms);
+  }) as typeof setTimeout;
+  t.after(() => {
+    globalThis.setTimeout = mocked;
+  });
+  const { ch, frames } = channel();
+  let fences = 0;
+  let waiting = true;
+  const f = new AckFlusher(
+    ch,
+    1_000,
+    {
+      run: () => {
+        fences++;
+        return new Promise<void>(() => {});
+      },
+      onConfirmed: () => {},
+      onUnanswered: () => {},
+    },
+    () => waiting,
+  );
+  t.after(() => f.stop());
+  for (let tag = 1; tag <= 10; tag++) f.delivered(tag);
+  f.ack(1);
+  advance(5);
+  f.ack(3); // 2 still runs
+  advance(14);
+  assert.deepEqual(frames, [], 'nothing 19 ms after the first ack');
+  assert.equal(fences, 0);
+  advance(1);
+  assert.deepEqual(
+    frames,
+    [
+      [1, true],
+      [3, false],
+    ],
+    '20 ms after the first: the multiple ack, and the one above a running task not held further',
+  );
+  assert.equal(fences, 1, 'and their fence at once, not 25 ms later');
+  assert.deepEqual(delays, [20, 3_000], 'the wait and the fence deadline: no timer for the fence itself');
+
+  // No task waits for a worker any more: the next ack is not held 20 ms, and it brings
+  // forward a wait already armed.
+  f.ack(2);
+  waiting = false;
+  f.ack(4);
+  advance(1);
+  assert.deepEqual(frames.slice(2), [[4, true]]);
+  assert.equal(fences, 1, 'acks within 1 ms take the usual fence rule (one in flight here)');
+});
+
 test('a fence not answered by its deadline says the link is dead', async (t) => {
   t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
   const { ch } = channel();
