@@ -25,8 +25,8 @@ import { writeTogetherThisTurn } from './turn-writes.ts';
 /** How long an ack may wait to go out with others. */
 const ACK_DELAY_MS = 1;
 /**
- * How long an ack may wait instead, while tasks wait in the master for a worker (the
- * owner's `mayWait`): its place in the window then feeds no one. With long tasks each ack
+ * How long an ack may wait instead, while tasks wait in the master only for a free
+ * worker (the owner's `mayWait`): its place in the window then feeds no one. With long tasks each ack
  * went out alone, and each frame cost a write, a wake-up of the broker, a delivery back
  * and a wake-up of the master: the broker's CPU and the master's for a 10 ms task, taken
  * from the workers (docs/benchmarks.md, "fifteenth pass"). Acks that waited go out
@@ -83,7 +83,7 @@ export class AckFlusher {
   #laterAt = 0;
   /** #later is an ACK_WAIT_MS wait: its acks take their fence along. */
   #laterWaits = false;
-  /** Whether acks may wait ACK_WAIT_MS now (tasks wait in the master for a worker). */
+  /** Whether acks may wait ACK_WAIT_MS now (tasks wait in the master only for a free worker). */
   readonly #mayWait: (() => boolean) | undefined;
   /** The lowest unsettled delivery at the last timed flush, and since when it has been. */
   #lowest: { tag: number | undefined; since: number } = { tag: undefined, since: 0 };

@@ -53,7 +53,7 @@ export interface ConsumerOptions {
    * the message did. Without it, nothing is kept.
    */
   ackMemo?: (message: ConsumeMessage) => AckMemo;
-  /** Whether deliveries wait in the owner for a worker: acks may then wait longer (ack-flusher.ts). */
+  /** Whether deliveries wait in the owner only for a free worker: acks may then wait longer (ack-flusher.ts). */
   acksMayWait?: () => boolean;
   /** A session is consuming: what else should live on its connection (the control exchange's listener). */
   onConsuming?: (connection: BrokerConnection) => void;

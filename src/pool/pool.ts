@@ -286,9 +286,9 @@ export class Pool extends EventEmitter<PoolEvents> {
     return requests;
   }
 
-  /** Tasks waiting in the master for a worker (not those a worker holds). */
-  get queued(): number {
-    return this.#scheduler.queued;
+  /** Tasks wait in the master only for a worker to be free (Scheduler.waitingForWorker). */
+  get waitingForWorker(): boolean {
+    return this.#scheduler.waitingForWorker;
   }
 
   stats(): PoolStats {

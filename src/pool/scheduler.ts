@@ -104,6 +104,8 @@ export class Scheduler {
   #queue: Job[] = [];
   /** Moving average of task run times, which decides whether to pipeline. */
   #averageMs: number | undefined;
+  /** The last dispatch passed tasks over: they wait for a limit or a reload, not for a worker. */
+  #passedOver = false;
 
   constructor(opts: SchedulerOptions) {
     this.#opts = opts;
@@ -112,6 +114,14 @@ export class Scheduler {
   /** Tasks waiting in the master. */
   get queued(): number {
     return this.#queue.length;
+  }
+
+  /**
+   * Tasks wait here, and only for a worker to be free (none was passed over for its
+   * function's limit or a reload): the broker's next delivery would only join them.
+   */
+  get waitingForWorker(): boolean {
+    return this.#queue.length > 0 && !this.#passedOver;
   }
 
   get averageMs(): number | undefined {
@@ -310,6 +320,7 @@ export class Scheduler {
       if (batch === undefined) batches.set(best, [job]);
       else batch.push(job);
     }
+    this.#passedOver = passedOver !== undefined;
     if (passedOver !== undefined) queue.unshift(...passedOver);
     if (rateWaitMs !== Number.POSITIVE_INFINITY) this.#opts.wakeIn?.(Math.max(1, Math.ceil(rateWaitMs)));
     for (const [w, jobs] of batches) w.hand(jobs);

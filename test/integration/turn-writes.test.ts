@@ -138,6 +138,40 @@ test("the ack flusher's frames of one flush (a multiple ack and singles) leave i
   await waitFor('the unacked three back in the queue', async () => (await b.count(queue)) === 3);
 });
 
+test('acks that waited for a backlog leave in one write with their fence, which the broker answers', async (t) => {
+  const { b, queue } = await freshQueue(t);
+  for (let i = 0; i < 4; i++) await b.send(queue, `m${i}`);
+  const { connection, writes } = await counted(t);
+  const channel: Channel = await connection.createChannel();
+  await channel.prefetch(100);
+  const confirmed: number[][] = [];
+  const flusher = new AckFlusher(
+    channel,
+    1_000,
+    {
+      run: () => channel.prefetch(100),
+      onConfirmed: (tags) => confirmed.push(tags),
+      onUnanswered: () => assert.fail('the fence was answered'),
+    },
+    () => true, // tasks wait for a worker: acks may wait
+  );
+  t.after(() => flusher.stop());
+  const delivered: ConsumeMessage[] = [];
+  await channel.consume(queue, (m) => {
+    if (m === null) return;
+    flusher.delivered(m.fields.deliveryTag);
+    delivered.push(m);
+  });
+  await waitFor('the four deliveries', () => delivered.length === 4);
+  writes.length = 0;
+  for (const m of delivered.slice(0, 3)) flusher.ack(m.fields.deliveryTag);
+  await waitFor('the fence answered', () => confirmed.length === 1);
+  assert.deepEqual(writes, [2], 'one writev: the multiple ack and the basic.qos');
+  assert.deepEqual(confirmed, [[1, 2, 3]]);
+  await channel.close();
+  await waitFor('only the unacked one back in the queue', async () => (await b.count(queue)) === 1);
+});
+
 /** Every socket write made while `run` runs, as chunk counts: the service's own connections are not reachable from outside. */
 async function socketWritesDuring(t: TestContext, run: () => Promise<void>): Promise<number[]> {
   const { writes, restore } = countWrites(net.Socket.prototype);

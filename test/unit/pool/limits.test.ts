@@ -118,6 +118,11 @@ test('concurrency: a function at its limit waits in the master; other functions 
   const running = () => slots.flatMap((s) => s.jobs.map((j) => j.request.func)).sort();
   assert.deepEqual(running(), ['a', 'b', 'limited']);
   assert.equal(scheduler.queued, 2, 'the other two limited ones wait');
+  assert.equal(
+    scheduler.waitingForWorker,
+    false,
+    'for their limit, not for a worker: acks do not wait on them',
+  );
   assert.deepEqual(held, ['limited:concurrency', 'limited:concurrency'], 'each counted once');
   // The limited run ends: the next one starts, in its order.
   const limitedSlot = slots.find((s) => s.running?.request.func === 'limited') as OneAtATime;

@@ -90,10 +90,12 @@ test('untimed tasks: one per slot least loaded first, then the next behind each,
     ],
   );
   assert.equal(s.queued, 1);
+  assert.equal(s.waitingForWorker, true, 'every slot is full: the one left waits only for a worker');
   a.finish();
   s.dispatch([a, b]);
   assert.deepEqual(a.jobs, [jobs[2], jobs[4]]);
   assert.equal(s.queued, 0);
+  assert.equal(s.waitingForWorker, false);
 });
 
 test('maxPipeline 1: one task per slot, none held ahead', () => {
@@ -232,6 +234,7 @@ test('during a reload, a task goes to a slot whose code exports its func, never 
   s.dispatch([old, fresh]);
   assert.deepEqual(old.jobs, [f], 'f passed g, which waits for the slot that knows it');
   assert.equal(s.queued, 1);
+  assert.equal(s.waitingForWorker, false, 'g was passed over while a worker had room');
   fresh.finish();
   s.dispatch([old, fresh]);
   assert.deepEqual(fresh.jobs, [g]);
