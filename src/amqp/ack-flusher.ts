@@ -25,12 +25,15 @@ import { writeTogetherThisTurn } from './turn-writes.ts';
 /** How long an ack may wait to go out with others. */
 const ACK_DELAY_MS = 1;
 /**
- * How long an ack may wait instead, while tasks wait in the master only for a free
- * worker (the owner's `mayWait`): its place in the window then feeds no one. With long tasks each ack
- * went out alone, and each frame cost a write, a wake-up of the broker, a delivery back
- * and a wake-up of the master: the broker's CPU and the master's for a 10 ms task, taken
- * from the workers (docs/benchmarks.md, "fifteenth pass"). Acks that waited go out
- * together, with their fence in the same write. The threshold still bounds what waits.
+ * How long an ack may wait instead, while the tasks waiting in the master only for a free
+ * worker hold enough work to keep every worker busy through the wait and the broker's
+ * refill after it (the owner's `mayWait`, asked for twice this): its place in the window
+ * then feeds no one. With long tasks each ack went out alone, and each frame cost a
+ * write, a wake-up of the broker, a delivery back and a wake-up of the master: the
+ * broker's CPU and the master's for a 10 ms task, taken from the workers. Tiny tasks
+ * drain such a backlog in less than the wait, and a pipeline of them needs the window
+ * refilled all the time: their acks go within ACK_DELAY_MS (docs/benchmarks.md,
+ * "fifteenth pass"). Acks that waited go out together, with their fence in the same write.
  */
 const ACK_WAIT_MS = 20;
 /** How long a delivery may hold back the acks above it before they go out alone (see #flushTimed). */
@@ -84,7 +87,7 @@ export class AckFlusher {
   /** #later is an ACK_WAIT_MS wait: its acks take their fence along. */
   #laterWaits = false;
   /** Whether acks may wait ACK_WAIT_MS now (tasks wait in the master only for a free worker). */
-  readonly #mayWait: (() => boolean) | undefined;
+  readonly #mayWait: ((workMs: number) => boolean) | undefined;
   /** The lowest unsettled delivery at the last timed flush, and since when it has been. */
   #lowest: { tag: number | undefined; since: number } = { tag: undefined, since: 0 };
   #stopped = false;
@@ -105,7 +108,7 @@ export class AckFlusher {
   /** When the last fence was answered: the next one goes FENCE_EVERY_MS after it at the soonest. */
   #lastAnswerAt = Number.NEGATIVE_INFINITY;
 
-  constructor(channel: Channel, flushAt: number, fence?: Fence, mayWait?: () => boolean) {
+  constructor(channel: Channel, flushAt: number, fence?: Fence, mayWait?: (workMs: number) => boolean) {
     this.#channel = channel;
     this.#flushAt = flushAt;
     this.#fence = fence;
@@ -141,7 +144,7 @@ export class AckFlusher {
     if (this.#stopped) return;
     this.#batch.ack(tag);
     if (this.#batch.pending >= this.#flushAt) this.#soon ??= setImmediate(() => this.flush(true));
-    else if (this.#mayWait?.() === true) this.#flushWithin(ACK_WAIT_MS, true);
+    else if (this.#mayWait?.(2 * ACK_WAIT_MS) === true) this.#flushWithin(ACK_WAIT_MS, true);
     else this.#flushWithin(ACK_DELAY_MS);
   }
 

@@ -53,8 +53,8 @@ export interface ConsumerOptions {
    * the message did. Without it, nothing is kept.
    */
   ackMemo?: (message: ConsumeMessage) => AckMemo;
-  /** Whether deliveries wait in the owner only for a free worker: acks may then wait longer (ack-flusher.ts). */
-  acksMayWait?: () => boolean;
+  /** Whether deliveries wait in the owner for a free worker, `workMs` of work for each: acks may wait (ack-flusher.ts). */
+  acksMayWait?: (workMs: number) => boolean;
   /** A session is consuming: what else should live on its connection (the control exchange's listener). */
   onConsuming?: (connection: BrokerConnection) => void;
   reconnect?: { initialMs: number; maxMs: number };

@@ -31,7 +31,7 @@ export class ConsumerSession {
     fence?: Pick<Fence, 'run' | 'onUnanswered'> & {
       memo?: ((message: ConsumeMessage) => AckMemo) | undefined;
       /** Whether acks may wait longer to go out together (AckFlusher's mayWait). */
-      acksMayWait?: (() => boolean) | undefined;
+      acksMayWait?: ((workMs: number) => boolean) | undefined;
     },
   ) {
     this.connection = connection;

@@ -286,9 +286,15 @@ export class Pool extends EventEmitter<PoolEvents> {
     return requests;
   }
 
-  /** Tasks wait in the master only for a worker to be free (Scheduler.waitingForWorker). */
-  get waitingForWorker(): boolean {
-    return this.#scheduler.waitingForWorker;
+  /**
+   * Whether the tasks waiting in the master only for a free worker (Scheduler.waitingForWorker)
+   * hold at least `workMs` of work for each worker, at the average run time.
+   */
+  backlogCovers(workMs: number): boolean {
+    const scheduler = this.#scheduler;
+    const averageMs = scheduler.averageMs;
+    if (averageMs === undefined || !scheduler.waitingForWorker) return false;
+    return scheduler.queued * averageMs >= workMs * this.#supervisor.desired;
   }
 
   stats(): PoolStats {

@@ -124,8 +124,8 @@ export class Service {
       logger,
       onDelivery: (delivery) => this.dispatcher.handle(delivery),
       ackMemo: finishedMemo,
-      // Tasks wait here for a free worker: the broker's next delivery would only join them.
-      acksMayWait: () => this.pool.waitingForWorker,
+      // Enough work waits here for a free worker: the broker's next delivery would only join it.
+      acksMayWait: (workMs) => this.pool.backlogCovers(workMs),
       // What that channel delivered and has not started is the broker's again: drop it
       // here, or it would run now and again when redelivered.
       onChannelLost: (lost) => {

@@ -257,7 +257,10 @@ test('while tasks wait for a worker, acks wait 20 ms and go out with their fence
       onConfirmed: () => {},
       onUnanswered: () => {},
     },
-    () => waiting,
+    (workMs) => {
+      assert.equal(workMs, 40, 'asked for the wait and the refill after it');
+      return waiting;
+    },
   );
   t.after(() => f.stop());
   for (let tag = 1; tag <= 10; tag++) f.delivered(tag);
