@@ -100,6 +100,20 @@ test('each worker runs one task at a time: the third waits, counted as queued', 
   assert.deepEqual(p.stats(), { desired: 2, starting: 0, idle: 2, busy: 0, queued: 0, bootFailures: 0 });
 });
 
+test('backlogCovers: the tasks queued for a free worker, times the average run, against the work asked for each worker', async (t) => {
+  const p = pool(t, { size: 1 });
+  await p.start();
+  assert.equal(p.backlogCovers(1), false, 'no task timed yet');
+  assert.equal((await p.run(request('sleep', [0.05]))).outcome, 'succeeded'); // the average: about 50 ms
+  const runs = [1, 0.05, 0.05].map((s) => p.run(request('sleep', [s])));
+  // One runs, the next is held behind it, the third waits here (queued counts both).
+  await waitFor('the running one and two queued', () => p.stats().busy === 1 && p.stats().queued === 2);
+  assert.equal(p.backlogCovers(40), true, 'one task of about 50 ms covers 40 ms for the one worker');
+  assert.equal(p.backlogCovers(1_000), false, 'but not a second');
+  await Promise.all(runs);
+  assert.equal(p.backlogCovers(1), false, 'nothing queued');
+});
+
 test('a task held behind one that turns out long is run by the other worker, while newer tasks keep both busy', async (t) => {
   const p = pool(t);
   await p.start();
