@@ -112,6 +112,23 @@ test('a lone publish goes out in its own turn, and the next turn corks afresh', 
   assert.equal((await b.take(queue, 4)).length, 4);
 });
 
+/** Consumes `queue` on `channel` until `count` deliveries came, each told to `flusher`. */
+async function deliveredTo(
+  channel: Channel,
+  queue: string,
+  flusher: AckFlusher,
+  count: number,
+): Promise<ConsumeMessage[]> {
+  const delivered: ConsumeMessage[] = [];
+  await channel.consume(queue, (m) => {
+    if (m === null) return;
+    flusher.delivered(m.fields.deliveryTag);
+    delivered.push(m);
+  });
+  await waitFor(`the ${count} deliveries`, () => delivered.length === count);
+  return delivered;
+}
+
 test("the ack flusher's frames of one flush (a multiple ack and singles) leave in one write", async (t) => {
   const { b, queue } = await freshQueue(t);
   for (let i = 0; i < 8; i++) await b.send(queue, `m${i}`);
@@ -120,13 +137,7 @@ test("the ack flusher's frames of one flush (a multiple ack and singles) leave i
   await channel.prefetch(100);
   const flusher = new AckFlusher(channel, 1_000);
   t.after(() => flusher.stop());
-  const delivered: ConsumeMessage[] = [];
-  await channel.consume(queue, (m) => {
-    if (m === null) return;
-    flusher.delivered(m.fields.deliveryTag);
-    delivered.push(m);
-  });
-  await waitFor('the eight deliveries', () => delivered.length === 8);
+  const delivered = await deliveredTo(channel, queue, flusher, 8);
   writes.length = 0;
   // Tags 1-3 (a multiple ack), then 5 and 7 above the unsettled 4: three frames.
   for (const i of [0, 1, 2, 4, 6]) flusher.ack((delivered[i] as ConsumeMessage).fields.deliveryTag);
@@ -156,13 +167,7 @@ test('acks that waited for a backlog leave in one write with their fence, which 
     () => true, // tasks wait for a worker: acks may wait
   );
   t.after(() => flusher.stop());
-  const delivered: ConsumeMessage[] = [];
-  await channel.consume(queue, (m) => {
-    if (m === null) return;
-    flusher.delivered(m.fields.deliveryTag);
-    delivered.push(m);
-  });
-  await waitFor('the four deliveries', () => delivered.length === 4);
+  const delivered = await deliveredTo(channel, queue, flusher, 4);
   writes.length = 0;
   for (const m of delivered.slice(0, 3)) flusher.ack(m.fields.deliveryTag);
   await waitFor('the fence answered', () => confirmed.length === 1);

@@ -1,6 +1,6 @@
 // When a session's acks go out, against a fake channel that records the frames.
 import assert from 'node:assert/strict';
-import { test } from 'node:test';
+import { type TestContext, test } from 'node:test';
 import type { Channel } from 'amqplib';
 import { AckFlusher } from '../../../src/amqp/ack-flusher.ts';
 
@@ -29,6 +29,20 @@ async function until(what: string, done: () => boolean): Promise<void> {
     assert.ok(performance.now() < ceiling, `${what} within 20 s`);
     await new Promise<void>((resolve) => realSetTimeout(resolve, 5));
   }
+}
+
+/**
+ * Mocked timers and a performance.now() that moves with them: the flusher reads the
+ * clock, so one clock decides. Returns the way to move both.
+ */
+function mockedClock(t: TestContext): (ms: number) => void {
+  t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
+  let clock = 1_000;
+  t.mock.method(performance, 'now', () => clock);
+  return (ms) => {
+    clock += ms;
+    t.mock.timers.tick(ms);
+  };
 }
 
 test('acks reaching the threshold go out at the end of the turn as one multiple ack', async () => {
@@ -180,14 +194,7 @@ test('fences: acks written are confirmed when a fence after them is answered; on
 });
 
 test('a few acks wait 25 ms for their fence; once 32 wait, it goes 5 ms after the first', async (t) => {
-  // The flusher reads performance.now(): mocked with the timers, so that one clock decides.
-  t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
-  let clock = 1_000;
-  t.mock.method(performance, 'now', () => clock);
-  const advance = (ms: number) => {
-    clock += ms;
-    t.mock.timers.tick(ms);
-  };
+  const advance = mockedClock(t);
   const { ch } = channel();
   let sent = 0;
   // Fences never answered, so each flusher sends one at most: one flusher per rule.
@@ -226,13 +233,7 @@ test('a few acks wait 25 ms for their fence; once 32 wait, it goes 5 ms after th
 });
 
 test('while tasks wait for a worker, acks wait 20 ms and go out with their fence; once none wait, within 1 ms', async (t) => {
-  t.mock.timers.enable({ apis: ['setTimeout', 'setImmediate'] });
-  let clock = 1_000;
-  t.mock.method(performance, 'now', () => clock);
-  const advance = (ms: number) => {
-    clock += ms;
-    t.mock.timers.tick(ms);
-  };
+  const advance = mockedClock(t);
   // The timers the flusher arms: a fence sent in the acks' own turn arms none of its own.
   const delays: (number | undefined)[] = [];
   const mocked = globalThis.setTimeout;
