@@ -112,6 +112,16 @@ test('a lone publish goes out in its own turn, and the next turn corks afresh', 
   assert.equal((await b.take(queue, 4)).length, 4);
 });
 
+/** A fresh queue holding `count` messages, and a channel (prefetch 100) on a counted connection. */
+async function consuming(t: TestContext, count: number) {
+  const { b, queue } = await freshQueue(t);
+  for (let i = 0; i < count; i++) await b.send(queue, `m${i}`);
+  const { connection, writes } = await counted(t);
+  const channel: Channel = await connection.createChannel();
+  await channel.prefetch(100);
+  return { b, queue, channel, writes };
+}
+
 /** Consumes `queue` on `channel` until `count` deliveries came, each told to `flusher`. */
 async function deliveredTo(
   channel: Channel,
@@ -130,11 +140,7 @@ async function deliveredTo(
 }
 
 test("the ack flusher's frames of one flush (a multiple ack and singles) leave in one write", async (t) => {
-  const { b, queue } = await freshQueue(t);
-  for (let i = 0; i < 8; i++) await b.send(queue, `m${i}`);
-  const { connection, writes } = await counted(t);
-  const channel: Channel = await connection.createChannel();
-  await channel.prefetch(100);
+  const { b, queue, channel, writes } = await consuming(t, 8);
   const flusher = new AckFlusher(channel, 1_000);
   t.after(() => flusher.stop());
   const delivered = await deliveredTo(channel, queue, flusher, 8);
@@ -150,11 +156,7 @@ test("the ack flusher's frames of one flush (a multiple ack and singles) leave i
 });
 
 test('acks that waited for a backlog leave in one write with their fence, which the broker answers', async (t) => {
-  const { b, queue } = await freshQueue(t);
-  for (let i = 0; i < 4; i++) await b.send(queue, `m${i}`);
-  const { connection, writes } = await counted(t);
-  const channel: Channel = await connection.createChannel();
-  await channel.prefetch(100);
+  const { b, queue, channel, writes } = await consuming(t, 4);
   const confirmed: number[][] = [];
   const flusher = new AckFlusher(
     channel,
