@@ -98,6 +98,40 @@ test('a throw, a rejection, an unknown func and an unserialisable result each fa
   assert.equal(results[4]?.ok, true);
 });
 
+test('plain-value tasks handed over in two frames of one turn all run, in order', async () => {
+  // A plain value is reported without an await, so the first frame's tasks can all be done
+  // before the second frame is read: the second must start the runner again.
+  const { r, results } = runner({ echo: (x: unknown) => x });
+  const first = [task('echo', [1]), task('echo', [2])];
+  const second = [task('echo', [3])];
+  r.onMessage(run(first));
+  r.onMessage(run(second));
+  await r.idle;
+  assert.deepEqual(
+    results.map((l) => (l.ok ? l.resultJson : l.error.message)),
+    ['1', '2', '3'],
+  );
+});
+
+test('a thenable that is not a Promise is awaited; a rejection with no reason fails the task', async () => {
+  const { r, results } = runner({
+    // biome-ignore lint/suspicious/noThenProperty: a thenable of a task's own making, as some libraries return
+    thenable: () => ({ then: (resolve: (v: unknown) => void) => setTimeout(() => resolve('later'), 1) }),
+    rejectsEmpty: () => Promise.reject(undefined),
+    plain: () => 'now',
+  });
+  r.onMessage(run([task('thenable'), task('rejectsEmpty'), task('plain')]));
+  await r.idle;
+  assert.deepEqual(
+    results.map((l) => [l.ok, l.ok ? l.resultJson : typeof l.error.message]),
+    [
+      [true, '"later"'],
+      [false, 'string'],
+      [true, '"now"'],
+    ],
+  );
+});
+
 test('without a reply wanted the result is not serialised', async () => {
   const { r, results } = runner({ big: () => ({ toJSON: () => assert.fail('serialised') }) });
   r.onMessage(run([task('big', [], { wantResult: false })]));
