@@ -87,6 +87,15 @@ type PoolEvents = {
   change: [];
 };
 
+/**
+ * The most tasks a child holds at once by default: reached only by tasks of 16 µs or less
+ * on average (the scheduler's 2 ms of work bounds the rest). Each hand-over costs the
+ * master some 30 µs whatever it carries (the IPC write and the child's wake-up), and at
+ * 64 a tiny-task backlog needed one for every 42 tasks; 128 ran it 4% faster in four
+ * ABBA pairs of the bench, 256 no faster again (docs/benchmarks.md, eighteenth pass).
+ */
+const MAX_PIPELINE = 128;
+
 export class Pool extends EventEmitter<PoolEvents> {
   readonly #supervisor: Supervisor;
   readonly #scheduler: Scheduler;
@@ -106,7 +115,7 @@ export class Pool extends EventEmitter<PoolEvents> {
     super();
     const log = opts.logger.child({ component: 'pool' });
     this.#scheduler = new Scheduler({
-      maxPipeline: opts.maxPipeline ?? 64,
+      maxPipeline: opts.maxPipeline ?? MAX_PIPELINE,
       maxTasksPerWorker: opts.maxTasksPerWorker ?? 0,
       limits: this.#funcLimits,
       onHeldBack: (func, limit) => this.emit('heldBack', func, limit),
