@@ -326,7 +326,7 @@ export class Dispatcher {
       request.args = [];
       request.kwargs = undefined;
     }
-    pool.run(request).then((ending) => this.#settlement.finish(work, ending));
+    pool.submit(request, (ending) => this.#settlement.finish(work, ending));
   }
 
   /** How many times the master died handling this message, when that reaches the limit; else 0. */

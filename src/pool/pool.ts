@@ -254,19 +254,29 @@ export class Pool extends EventEmitter<PoolEvents> {
 
   /** Queues a task; it runs when a worker is free. Resolves with its outcome, never rejects. */
   run(request: TaskRequest): Promise<JobResult> {
-    if (this.#supervisor.closing)
-      return Promise.resolve({ outcome: 'returned', reason: 'the pool is closing' });
-    return new Promise((resolve) => {
-      this.#scheduler.push(new Job(this.#nextTaskId++, request, resolve));
-      // Deliveries of one socket read arrive in one turn: hand them over together.
-      if (!this.#dispatchQueued) {
-        this.#dispatchQueued = true;
-        queueMicrotask(() => {
-          this.#dispatchQueued = false;
-          this.#dispatch();
-        });
-      }
-    });
+    return new Promise((resolve) => this.submit(request, resolve));
+  }
+
+  /**
+   * Queues a task; `onEnd` is called once with its outcome, from inside whatever ended it
+   * (a result read, a timeout, an exit). The dispatcher's way in: a promise and its turn
+   * per task were some 3% of the master's CPU for tiny tasks. `onEnd` must not throw.
+   */
+  submit(request: TaskRequest, onEnd: (result: JobResult) => void): void {
+    if (this.#supervisor.closing) {
+      // Never from inside the caller's own call.
+      queueMicrotask(() => onEnd({ outcome: 'returned', reason: 'the pool is closing' }));
+      return;
+    }
+    this.#scheduler.push(new Job(this.#nextTaskId++, request, onEnd));
+    // Deliveries of one socket read arrive in one turn: hand them over together.
+    if (!this.#dispatchQueued) {
+      this.#dispatchQueued = true;
+      queueMicrotask(() => {
+        this.#dispatchQueued = false;
+        this.#dispatch();
+      });
+    }
   }
 
   /** Gives back up to `count` tasks waiting in the master's queue, the newest first: how many. */

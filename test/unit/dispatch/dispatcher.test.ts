@@ -71,12 +71,13 @@ function world(
     pool: {
       funcs: new Set(['add']),
       limits: {},
-      run: (request: TaskRequest) => {
+      submit: (request: TaskRequest, onEnd: (result: JobResult) => void) => {
         requests.push(request);
         running.add(request);
-        const result = run(request);
-        result.finally(() => running.delete(request)).catch(() => {});
-        return result;
+        void run(request).then((result) => {
+          running.delete(request);
+          onEnd(result);
+        });
       },
       /** As the pool says: the tasks handed over whose result has not come. */
       running: () => [...running],
