@@ -42,15 +42,6 @@ function exactArguments(text: string): { args: unknown[]; kwargs: Record<string,
   return parsed.value as { args: unknown[]; kwargs: Record<string, unknown> | undefined };
 }
 
-/** A value an `await` would wait on: a promise, or any object or function with a `then` method. */
-function isThenable(value: unknown): value is PromiseLike<unknown> {
-  return (
-    (typeof value === 'object' || typeof value === 'function') &&
-    value !== null &&
-    typeof (value as { then?: unknown }).then === 'function'
-  );
-}
-
 export class TaskRunner {
   readonly #opts: TaskRunnerOptions;
   /** Tasks handed over and not started yet, in order. */
@@ -62,12 +53,6 @@ export class TaskRunner {
   #maxResultBytes = Number.POSITIVE_INFINITY;
   #rssReportedAt = Number.NEGATIVE_INFINITY;
   #pumping: Promise<void> | undefined;
-  /**
-   * Whether #pump is inside its loop. Cleared by the loop itself as it ends, not a turn
-   * later: a run of plain-value tasks can finish the loop without an await, and tasks
-   * handed over in the same turn (two frames in one read) must start a new pump.
-   */
-  #pumpLooping = false;
 
   constructor(opts: TaskRunnerOptions) {
     this.#opts = opts;
@@ -75,7 +60,7 @@ export class TaskRunner {
 
   /** Resolves once every task handed over so far has run and been reported. */
   get idle(): Promise<void> {
-    return (this.#pumpLooping ? this.#pumping : undefined) ?? Promise.resolve();
+    return this.#pumping ?? Promise.resolve();
   }
 
   onMessage(msg: MasterMessage): void {
@@ -85,7 +70,9 @@ export class TaskRunner {
         this.#rssEachTask = msg.rssEachTask;
         this.#maxResultBytes = msg.maxResultBytes;
         this.#queue.push(...msg.tasks);
-        if (!this.#pumpLooping) this.#pumping = this.#pump();
+        this.#pumping ??= this.#pump().finally(() => {
+          this.#pumping = undefined;
+        });
         return;
       case 'abort':
         if (this.#running?.taskId === msg.taskId)
@@ -99,32 +86,20 @@ export class TaskRunner {
     }
   }
 
-  /**
-   * Runs the queue one task at a time; the master counts on that order for its deadlines.
-   * A task that returns a plain value is reported without an await: two promise turns per
-   * task were a tenth of a worker's CPU for tiny tasks. What such a task queued as
-   * microtasks runs at the next await or yield, as it would after any synchronous code.
-   */
+  /** Runs the queue one task at a time; the master counts on that order for its deadlines. */
   async #pump(): Promise<void> {
-    this.#pumpLooping = true;
-    try {
-      let turnedAt = performance.now();
-      for (let task = this.#queue.shift(); task !== undefined; task = this.#queue.shift()) {
-        const startedAt = performance.now();
-        const outcome = this.#run(task);
-        this.#report(outcome instanceof Promise ? await outcome : outcome, startedAt);
-        if (this.#queue.length > 0 && performance.now() - turnedAt >= YIELD_EVERY_MS) {
-          await new Promise(setImmediate);
-          turnedAt = performance.now();
-        }
+    let turnedAt = performance.now();
+    for (let task = this.#queue.shift(); task !== undefined; task = this.#queue.shift()) {
+      const startedAt = performance.now();
+      this.#report(await this.#run(task), startedAt);
+      if (this.#queue.length > 0 && performance.now() - turnedAt >= YIELD_EVERY_MS) {
+        await new Promise(setImmediate);
+        turnedAt = performance.now();
       }
-    } finally {
-      this.#pumpLooping = false;
     }
   }
 
-  /** One task: its outcome, at once when its function returned a plain value. */
-  #run(task: RunTask): TaskOutcome | Promise<TaskOutcome> {
+  async #run(task: RunTask): Promise<TaskOutcome> {
     const fn = this.#opts.funcs.get(task.func);
     const controller = new AbortController();
     this.#running = { taskId: task.taskId, controller };
@@ -139,34 +114,16 @@ export class TaskRunner {
       ...(task.traceparent === undefined ? {} : { traceparent: task.traceparent }),
     };
     const withTrace = this.#opts.withTrace;
-    let value: unknown;
     try {
       if (fn === undefined) throw new Error(`unknown func ${JSON.stringify(task.func)}`);
       const { args, kwargs } = task.exactJson === undefined ? task : exactArguments(task.exactJson);
       const call = () => (kwargs === undefined ? fn(...args) : fn(...args, kwargs));
-      value = runWithTask(
+      const value = await runWithTask(
         context,
         withTrace === undefined || task.traceparent === undefined
           ? call
           : () => withTrace(task.traceparent as string, task.tracestate, call),
       );
-    } catch (err) {
-      this.#running = undefined;
-      return { taskId: task.taskId, ok: false, error: serializeError(err) };
-    }
-    if (isThenable(value)) {
-      return Promise.resolve(value).then(
-        (settled) => this.#outcome(task, settled),
-        (err: unknown) => this.#outcome(task, undefined, err),
-      );
-    }
-    return this.#outcome(task, value);
-  }
-
-  /** The outcome of a task that returned `value` (or threw `err`, when given): its result checked. */
-  #outcome(task: RunTask, value: unknown, ...thrown: [unknown?]): TaskOutcome {
-    try {
-      if (thrown.length > 0) throw thrown[0];
       let resultJson: string | undefined;
       if (task.wantResult) {
         try {

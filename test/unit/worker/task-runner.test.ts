@@ -98,19 +98,45 @@ test('a throw, a rejection, an unknown func and an unserialisable result each fa
   assert.equal(results[4]?.ok, true);
 });
 
-test('plain-value tasks handed over in two frames of one turn all run, in order', async () => {
-  // A plain value is reported without an await, so the first frame's tasks can all be done
-  // before the second frame is read: the second must start the runner again.
+test('tasks handed over in two frames of one turn all run, in order', async () => {
   const { r, results } = runner({ echo: (x: unknown) => x });
-  const first = [task('echo', [1]), task('echo', [2])];
-  const second = [task('echo', [3])];
-  r.onMessage(run(first));
-  r.onMessage(run(second));
+  r.onMessage(run([task('echo', [1]), task('echo', [2])]));
+  r.onMessage(run([task('echo', [3])]));
   await r.idle;
   assert.deepEqual(
     results.map((l) => (l.ok ? l.resultJson : l.error.message)),
     ['1', '2', '3'],
   );
+});
+
+test('what a task queued as microtasks runs before its result is reported, not during the next task', async () => {
+  // A microtask that throws or exits must end the process while its own task is the one
+  // running, so that the master blames that task and not the next one.
+  const order: string[] = [];
+  const sent: ChildMessage[] = [];
+  const r = new TaskRunner({
+    funcs: new Map<string, TaskFunction>([
+      [
+        'queues',
+        (x: unknown) => {
+          queueMicrotask(() => order.push(`microtask ${x}`));
+          return x;
+        },
+      ],
+    ]),
+    send: (m) => sent.push(m),
+    writeResult: (line) => order.push(`report ${line.taskId}`),
+  });
+  const first = task('queues', ['a'], { wantResult: false });
+  const second = task('queues', ['b'], { wantResult: false });
+  r.onMessage(run([first, second]));
+  await r.idle;
+  assert.deepEqual(order, [
+    'microtask a',
+    `report ${first.taskId}`,
+    'microtask b',
+    `report ${second.taskId}`,
+  ]);
 });
 
 test('a thenable that is not a Promise is awaited; a rejection with no reason fails the task', async () => {
