@@ -31,10 +31,15 @@ export interface RunTask {
   args: unknown[];
   kwargs: Record<string, unknown> | undefined;
   messageId: string | undefined;
-  redelivered: boolean;
-  attempt: number;
+  /**
+   * These three are sent only when they differ from the usual (false, 1, false): a
+   * hand-over of tiny tasks is written and parsed for every task, and the frame was
+   * half made of them.
+   */
+  redelivered?: boolean;
+  attempt?: number;
   /** Only serialise the result when someone (reply_to) will read it. */
-  wantResult: boolean;
+  wantResult?: boolean;
   /** Its own time limit, when its function declares one (else the run message's). */
   timeoutMs?: number;
   /** The task's span, when tracing is on: the task runs in its context. */

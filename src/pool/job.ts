@@ -5,7 +5,10 @@ import { type SerializedError, taskFailure } from '../errors.ts';
 import type { RunTask } from '../ipc/protocol.ts';
 
 /** A task as the dispatcher asks for it: what the child runs, less the pool's own id. */
-export interface TaskRequest extends Omit<RunTask, 'taskId'> {
+export interface TaskRequest extends Omit<RunTask, 'taskId' | 'redelivered' | 'attempt' | 'wantResult'> {
+  redelivered: boolean;
+  attempt: number;
+  wantResult: boolean;
   /**
    * True once running it would be pointless: its delivery's channel has closed, so the
    * broker has already given the message to the queue again. Asked before it starts.
@@ -112,10 +115,11 @@ export class Job {
       args: request.args,
       kwargs: request.kwargs,
       messageId: request.messageId,
-      redelivered: request.redelivered,
-      attempt: request.attempt,
-      wantResult: request.wantResult,
     };
+    // Only what differs from the child's defaults (protocol.ts).
+    if (request.redelivered) task.redelivered = true;
+    if (request.attempt !== 1) task.attempt = request.attempt;
+    if (request.wantResult) task.wantResult = true;
     if (request.exactJson !== undefined) task.exactJson = request.exactJson;
     if (request.traceparent !== undefined) {
       task.traceparent = request.traceparent;

@@ -107,8 +107,8 @@ export class TaskRunner {
       taskId: task.taskId,
       func: task.func,
       messageId: task.messageId,
-      redelivered: task.redelivered,
-      attempt: task.attempt,
+      redelivered: task.redelivered === true,
+      attempt: task.attempt ?? 1,
       deadline: Date.now() + (task.timeoutMs ?? this.#timeoutMs),
       signal: controller.signal,
       ...(task.traceparent === undefined ? {} : { traceparent: task.traceparent }),
@@ -125,7 +125,7 @@ export class TaskRunner {
           : () => withTrace(task.traceparent as string, task.tracestate, call),
       );
       let resultJson: string | undefined;
-      if (task.wantResult) {
+      if (task.wantResult === true) {
         try {
           resultJson = stringifyExact(value) ?? 'null';
         } catch (err) {

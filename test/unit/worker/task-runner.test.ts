@@ -3,6 +3,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import type { ChildMessage, ResultLine, RunTask } from '../../../src/ipc/protocol.ts';
+import { Job, type TaskRequest } from '../../../src/pool/job.ts';
 import { currentTask } from '../../../src/worker/task-context.ts';
 import type { TaskFunction } from '../../../src/worker/task-module.ts';
 import { TaskRunner } from '../../../src/worker/task-runner.ts';
@@ -226,6 +227,43 @@ test('the task sees its delivery through currentTask()', async () => {
   assert.equal(seen.redelivered, true);
   assert.equal(seen.attempt, 3);
   assert.ok(seen.deadline >= before + 5_000);
+});
+
+test("a Job's frame carries redelivered, attempt and wantResult only when unusual; the child reads the usual ones", async () => {
+  const request = (more: Partial<TaskRequest>): TaskRequest => ({
+    func: 'who',
+    args: [],
+    kwargs: undefined,
+    messageId: undefined,
+    redelivered: false,
+    attempt: 1,
+    wantResult: false,
+    ...more,
+  });
+  const usual = new Job(1, request({}), () => {}).frame(undefined);
+  assert.deepEqual(Object.keys(JSON.parse(JSON.stringify(usual))).sort(), ['args', 'func', 'taskId']);
+  const unusual = new Job(2, request({ redelivered: true, attempt: 2, wantResult: true }), () => {}).frame(
+    undefined,
+  );
+  const seen: unknown[] = [];
+  const { r, results } = runner({
+    who: () => {
+      const t = currentTask();
+      seen.push([t?.redelivered, t?.attempt]);
+      return 'r';
+    },
+  });
+  // Through JSON, as the IPC channel carries them.
+  r.onMessage(run(JSON.parse(JSON.stringify([usual, unusual]))));
+  await r.idle;
+  assert.deepEqual(seen, [
+    [false, 1],
+    [true, 2],
+  ]);
+  assert.deepEqual(
+    results.map((l) => (l.ok ? l.resultJson : 'failed')),
+    [undefined, '"r"'],
+  );
 });
 
 test('memory is reported after every task with a memory limit, else at most once a second', async () => {
