@@ -34,7 +34,8 @@ export type JobResult =
 export class Job {
   readonly taskId: number;
   readonly request: TaskRequest;
-  readonly #resolve: (result: JobResult) => void;
+  /** Told the result, once (Pool.submit's onEnd). */
+  readonly #onEnd: (result: JobResult) => void;
   /** When it started in its child (performance.now()), 0 until then. */
   startedAt = 0;
   /** When its time limit passes (performance.now()), once it has started; its slot watches it. */
@@ -55,10 +56,10 @@ export class Job {
   readonly priority: number;
   #ended = false;
 
-  constructor(taskId: number, request: TaskRequest, resolve: (result: JobResult) => void) {
+  constructor(taskId: number, request: TaskRequest, onEnd: (result: JobResult) => void) {
     this.taskId = taskId;
     this.request = request;
-    this.#resolve = resolve;
+    this.#onEnd = onEnd;
     this.priority = request.priority ?? 0;
   }
 
@@ -84,7 +85,7 @@ export class Job {
     this.releasePlace();
     clearTimeout(this.timer);
     this.timer = undefined;
-    this.#resolve(result);
+    this.#onEnd(result);
   }
 
   giveBack(reason: string): void {

@@ -7,6 +7,7 @@ import { Job, type TaskRequest } from '../../../src/pool/job.ts';
 import { currentTask } from '../../../src/worker/task-context.ts';
 import type { TaskFunction } from '../../../src/worker/task-module.ts';
 import { TaskRunner } from '../../../src/worker/task-runner.ts';
+import { taskRequest } from '../../support/task-request.ts';
 
 function runner(funcs: Record<string, TaskFunction>, rss?: () => number) {
   const sent: ChildMessage[] = [];
@@ -114,7 +115,6 @@ test('what a task queued as microtasks runs before its result is reported, not d
   // A microtask that throws or exits must end the process while its own task is the one
   // running, so that the master blames that task and not the next one.
   const order: string[] = [];
-  const sent: ChildMessage[] = [];
   const r = new TaskRunner({
     funcs: new Map<string, TaskFunction>([
       [
@@ -125,7 +125,7 @@ test('what a task queued as microtasks runs before its result is reported, not d
         },
       ],
     ]),
-    send: (m) => sent.push(m),
+    send: () => {},
     writeResult: (line) => order.push(`report ${line.taskId}`),
   });
   const first = task('queues', ['a'], { wantResult: false });
@@ -230,16 +230,7 @@ test('the task sees its delivery through currentTask()', async () => {
 });
 
 test("a Job's frame carries redelivered, attempt and wantResult only when unusual; the child reads the usual ones", async () => {
-  const request = (more: Partial<TaskRequest>): TaskRequest => ({
-    func: 'who',
-    args: [],
-    kwargs: undefined,
-    messageId: undefined,
-    redelivered: false,
-    attempt: 1,
-    wantResult: false,
-    ...more,
-  });
+  const request = (more: Partial<TaskRequest>) => taskRequest('who', [], { wantResult: false, ...more });
   const usual = new Job(1, request({}), () => {}).frame(undefined);
   assert.deepEqual(Object.keys(JSON.parse(JSON.stringify(usual))).sort(), ['args', 'func', 'taskId']);
   const unusual = new Job(2, request({ redelivered: true, attempt: 2, wantResult: true }), () => {}).frame(
