@@ -196,32 +196,60 @@ function percentile(values: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? Number.NaN;
 }
 
+/** The paced part of a latency run: this many seconds of each side, in alternating windows. */
+const LATENCY_SECONDS = QUICK ? 1 : 15;
+/** Each window of the paced part goes to one side; the sides alternate, window by window. */
+const LATENCY_WINDOW_MS = 500;
+
+type LatencySide = 'service' | 'raw';
+
 /**
- * Publish→start and publish→reply latency through reply_to, at a `load` (0.5: half) of
- * the maximum rate of this same workload: first the bench publishes as fast as the
- * broker takes it and reads the replies, which gives the maximum (and warms the service:
- * one that has just started is still compiling its hot paths); then it publishes at
- * that share of it (or at `fixedRate`, to run the reference at the service's rate). The
- * publisher sleeps between ticks of about a millisecond and sends what has come due,
- * each message stamped when it is sent: a busy-waiting publisher would take a core
- * from the service it measures.
+ * Publish→start and publish→reply latency through reply_to at a `load` (0.5: half) of
+ * the service's maximum rate of this same workload, for two sides at once: the service
+ * and the raw replier (or the raw replier twice, `noise`: what the same measure reads
+ * between two identical replier processes is the floor below which a difference means
+ * nothing).
+ *
+ * First each side is driven flat out (the bench publishes as fast as the broker takes it
+ * and reads the replies): that gives each one's maximum, and warms it (a process that has
+ * just started is still compiling its hot paths). Then the bench publishes at that share
+ * of the first side's maximum, LATENCY_SECONDS of it for each side, in windows of
+ * LATENCY_WINDOW_MS that alternate between the two sides' queues. Both sides run for the
+ * whole paced part, and only one receives at a time.
+ *
+ * Why alternate: a p99 is made by the worst 1% of tasks, and on two shared cores those
+ * come in episodes of 10 to 60 ms in which a process waits for a core (docs/benchmarks.md,
+ * "Measuring the tail"). Run one side after the other, as this bench did before, and
+ * each side's p99 depends on the episodes that fell in its few seconds: the raw replier
+ * measured against itself that way differed by −10 to +1.4 ms, run to run. Alternated,
+ * the two sides share the machine's slow seconds, and the difference measures the sides.
+ * Windows of half a second keep the few slower tasks at the start of each window (the
+ * side was idle for the last window) to a hundredth of the tasks.
+ *
+ * The publisher sleeps between ticks of about a millisecond and sends what has come due,
+ * each message stamped when it is sent (a busy-waiting publisher would take a core from
+ * what it measures). The stamps live in typed arrays, indexed by a number in the
+ * correlation id, so that the bench's own collections add little to the two cores.
  */
-async function latency(against: 'service' | 'raw', load: number, fixedRate?: number) {
-  const queue = `bench.latency.${randomUUID().slice(0, 8)}`;
-  const service = against === 'raw' ? await rawReplier(queue) : await startService(2, queue);
+async function latencyPair(load: number, sides: [LatencySide, LatencySide], fixedRate?: number) {
+  const queues = sides.map((_, k) => `bench.latency.${k}.${randomUUID().slice(0, 8)}`);
+  const targets: Pick<ServiceProcess, 'stop'>[] = [];
+  for (const [k, side] of sides.entries()) {
+    const queue = queues[k] as string;
+    targets.push(side === 'raw' ? await rawReplier(queue) : await startService(2, queue));
+  }
   const replies = await channel.assertQueue('', { exclusive: true });
-  const sent = new Map<string, number>();
-  const toStart: number[] = [];
-  const toReply: number[] = [];
   const flat = QUICK ? 5_000 : 20_000;
   let flatReplies = 0;
   let flatFirst = 0;
   let flatLast = 0;
   let flatDone: () => void = () => {};
-  const flatOut = new Promise<void>((resolve) => {
-    flatDone = resolve;
-  });
+  // The paced part: message i's send stamp, its side, and what each side measured.
+  let sentAt = new Float64Array(0);
+  const toStart: number[][] = [[], []];
+  const toReply: number[][] = [[], []];
   let count = Number.POSITIVE_INFINITY;
+  let received = 0;
   let finish: () => void = () => {};
   const done = new Promise<void>((resolve) => {
     finish = resolve;
@@ -238,10 +266,11 @@ async function latency(against: 'service' | 'raw', load: number, fixedRate?: num
         return;
       }
       const now = performance.timeOrigin + performance.now();
-      const at = sent.get(id) as number;
-      toStart.push((JSON.parse(String(m.content)).result as number) - at);
-      toReply.push(now - at);
-      if (toReply.length === count) finish();
+      const side = id.charCodeAt(0) - 48; // '0' or '1'
+      const at = sentAt[Number(id.slice(1))] as number;
+      (toStart[side] as number[]).push((JSON.parse(String(m.content)).result as number) - at);
+      (toReply[side] as number[]).push(now - at);
+      if (++received === count) finish();
     },
     { noAck: true },
   );
@@ -249,39 +278,52 @@ async function latency(against: 'service' | 'raw', load: number, fixedRate?: num
   // Without publisher confirms: the bench's own confirms are broker work that is not the
   // system under test, on the same two cores.
   const publisher = await connection.createChannel();
-  for (let i = 0; i < flat; i++) {
-    const options = { replyTo: replies.queue, correlationId: `f${i}` };
-    if (!publisher.sendToQueue(queue, body, options)) await once(publisher, 'drain');
+  const maxRates: number[] = [];
+  for (const queue of queues) {
+    flatReplies = 0;
+    const flatOut = new Promise<void>((resolve) => {
+      flatDone = resolve;
+    });
+    for (let i = 0; i < flat; i++) {
+      const options = { replyTo: replies.queue, correlationId: `f${i}` };
+      if (!publisher.sendToQueue(queue, body, options)) await once(publisher, 'drain');
+    }
+    await flatOut;
+    maxRates.push((flat - 1) / ((flatLast - flatFirst) / 1000));
   }
-  await flatOut;
-  const maxRate = (flat - 1) / ((flatLast - flatFirst) / 1000);
-  const rate = fixedRate ?? maxRate * load;
-  // Five seconds of it: long enough that one hiccup of the machine is not the whole p99.
-  count = Math.min(QUICK ? 5_000 : 100_000, Math.round(rate * (QUICK ? 1 : 5)));
+  const rate = fixedRate ?? (maxRates[0] as number) * load;
+  count = 2 * Math.min(QUICK ? 5_000 : 300_000, Math.round(rate * LATENCY_SECONDS));
+  sentAt = new Float64Array(count);
   const intervalMs = 1000 / rate;
   const start = performance.now();
   for (let i = 0; i < count; ) {
     const due = Math.min(count, Math.floor((performance.now() - start) / intervalMs) + 1);
     for (; i < due; i++) {
-      const id = String(i);
-      sent.set(id, performance.timeOrigin + performance.now());
-      publisher.sendToQueue(queue, body, { replyTo: replies.queue, correlationId: id });
+      const side = Math.floor((i * intervalMs) / LATENCY_WINDOW_MS) % 2;
+      sentAt[i] = performance.timeOrigin + performance.now();
+      const options = { replyTo: replies.queue, correlationId: `${side}${i}` };
+      publisher.sendToQueue(queues[side] as string, body, options);
     }
     await sleep(1);
   }
   await done;
   await publisher.close();
-  await service.stop();
-  return {
-    maxRate: Math.round(maxRate),
-    rate: Math.round(rate),
-    startP50: percentile(toStart, 50),
-    startP99: percentile(toStart, 99),
-    startP999: percentile(toStart, 99.9),
-    replyP50: percentile(toReply, 50),
-    replyP99: percentile(toReply, 99),
-    replyP999: percentile(toReply, 99.9),
+  for (const target of targets) await target.stop();
+  const figures = (side: number) => {
+    const starts = toStart[side] as number[];
+    const replied = toReply[side] as number[];
+    return {
+      maxRate: Math.round(maxRates[side] as number),
+      rate: Math.round(rate),
+      startP50: percentile(starts, 50),
+      startP99: percentile(starts, 99),
+      startP999: percentile(starts, 99.9),
+      replyP50: percentile(replied, 50),
+      replyP99: percentile(replied, 99),
+      replyP999: percentile(replied, 99.9),
+    };
   };
+  return [figures(0), figures(1)] as const;
 }
 
 /** One sample of the service's /metrics, in MB. */
@@ -388,14 +430,22 @@ async function producers(): Promise<{ raw: number; client: number; ratio: number
   return { ...best, ratio: +(best.client / best.raw).toFixed(3), oneByOne };
 }
 
-// `--only=latency` (with BENCH_LATENCY_RATE), `--only=cpu` or `--only=memory`: one phase, as JSON, to iterate on it.
+// `--only=latency` or `--only=noise` (with BENCH_LATENCY_RATE), `--only=cpu` or `--only=memory`: one phase, as JSON, to iterate on it.
 const only = process.argv.find((a) => a.startsWith('--only='))?.slice('--only='.length);
 if (only !== undefined) {
   const phases: Record<string, () => Promise<unknown>> = {
-    latency: () => latency('service', 0.5, Number(process.env.BENCH_LATENCY_RATE) || undefined),
+    latency: async () => {
+      const rate = Number(process.env.BENCH_LATENCY_RATE) || undefined;
+      const [service, raw] = await latencyPair(0.5, ['service', 'raw'], rate);
+      return { service, raw, startP99Added: +(service.startP99 - raw.startP99).toFixed(2) };
+    },
+    noise: async () => {
+      const rate = Number(process.env.BENCH_LATENCY_RATE) || undefined;
+      const [a, b] = await latencyPair(0.5, ['raw', 'raw'], rate);
+      return { a, b, startP99Difference: +(a.startP99 - b.startP99).toFixed(2) };
+    },
     replies: async () => {
-      const service = await latency('service', 0.5);
-      const raw = await latency('raw', 0.5);
+      const [service, raw] = await latencyPair(0.5, ['service', 'raw']);
       return {
         service: service.maxRate,
         raw: raw.maxRate,
@@ -434,15 +484,20 @@ for (const workers of [1, 2, 4]) {
 }
 log('CPU-bound tasks, 2 workers...');
 const efficiency = await cpuEfficiency();
-log('latency at half the maximum rate of tasks with replies, 2 workers...');
-const lat = await latency('service', 0.5, Number(process.env.BENCH_LATENCY_RATE) || undefined);
-log('the same latency run against a raw amqplib replier, for reference...');
-const rawLat = await latency('raw', 0.5, lat.rate);
-log('latency at 90% of the maximum rate, the service and then the raw replier...');
-const lat90 = await latency('service', 0.9);
-const rawLat90 = await latency('raw', 0.9, lat90.rate);
+log(
+  'latency at half the maximum rate of tasks with replies, 2 workers, alternating with a raw amqplib replier...',
+);
+const [lat, rawLat] = await latencyPair(
+  0.5,
+  ['service', 'raw'],
+  Number(process.env.BENCH_LATENCY_RATE) || undefined,
+);
+log('the same at the same rate, a raw replier alternating with another: the noise floor...');
+const [noiseA, noiseB] = await latencyPair(0.5, ['raw', 'raw'], lat.rate);
+log('latency at 90% of the maximum rate, the service alternating with the raw replier...');
+const [lat90, rawLat90] = await latencyPair(0.9, ['service', 'raw']);
 // Replies flat out, against the raw replier flat out (each latency run starts with a
-// flat-out phase): the two runs of each, summed, so that one hiccup weighs less.
+// flat-out phase of each side): the two runs of each, summed, so that one hiccup weighs less.
 const repliesRatio = (lat.maxRate + lat90.maxRate) / (rawLat.maxRate + rawLat90.maxRate);
 log(`master memory over ${MEMORY_TASKS} tasks...`);
 const mem = await memory();
@@ -462,7 +517,7 @@ else {
   cluster = await clusterPhase(log);
 }
 
-type Latency = Awaited<ReturnType<typeof latency>>;
+type Latency = Awaited<ReturnType<typeof latencyPair>>[0];
 /** p50 / p99 / p99.9 of the service and of the raw replier at the same rate, and what the service adds. */
 function latencyRows(what: string, service: Latency, raw: Latency): string[][] {
   const f = (n: number) => n.toFixed(2);
@@ -511,6 +566,14 @@ const result = {
   rawReplierLatencyMs: rawLat,
   latency90Ms: lat90,
   rawReplierLatency90Ms: rawLat90,
+  // Two raw repliers measured the same way at the half-load rate: how far apart two
+  // identical sides read. A p99 added smaller than this is within the noise.
+  noiseFloorMs: {
+    rate: noiseA.rate,
+    startP50Difference: +Math.abs(noiseA.startP50 - noiseB.startP50).toFixed(2),
+    startP99Difference: +Math.abs(noiseA.startP99 - noiseB.startP99).toFixed(2),
+    startP999Difference: +Math.abs(noiseA.startP999 - noiseB.startP999).toFixed(2),
+  },
   masterRssMb: mem,
   producersPerSecond: publish,
   cluster,
@@ -549,6 +612,11 @@ else {
       '',
     ],
     ...latencyRows('half load', lat, rawLat),
+    [
+      '  two raw repliers against each other, the same way: p50 / p99 / p99.9 apart (noise floor)',
+      `${f(result.noiseFloorMs.startP50Difference)} / ${f(result.noiseFloorMs.startP99Difference)} / ${f(result.noiseFloorMs.startP999Difference)}`,
+      '',
+    ],
     ...latencyRows('90% load', lat90, rawLat90),
     [
       'master RSS idle / after 10k / after all (MB)',
