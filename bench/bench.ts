@@ -201,129 +201,173 @@ const LATENCY_SECONDS = QUICK ? 1 : 15;
 /** Each window of the paced part goes to one side; the sides alternate, window by window. */
 const LATENCY_WINDOW_MS = 500;
 
+/** How long the bench waits for a latency run's replies before it gives up, with a message. */
+const LATENCY_CEILING_MS = 120_000;
+
 type LatencySide = 'service' | 'raw';
 
 /**
- * Publish→start and publish→reply latency through reply_to at a `load` (0.5: half) of
- * the service's maximum rate of this same workload, for two sides at once: the service
- * and the raw replier (or the raw replier twice, `noise`: what the same measure reads
- * between two identical replier processes is the floor below which a difference means
- * nothing).
+ * Publish→start and publish→reply latency through reply_to, for two sides at once: the
+ * service and the raw replier, or the raw replier twice (what two identical processes
+ * read apart is the noise floor, below which a difference cannot be told from noise).
  *
- * First each side is driven flat out (the bench publishes as fast as the broker takes it
- * and reads the replies): that gives each one's maximum, and warms it (a process that has
- * just started is still compiling its hot paths). Then the bench publishes at that share
- * of the first side's maximum, LATENCY_SECONDS of it for each side, in windows of
- * LATENCY_WINDOW_MS that alternate between the two sides' queues. Both sides run for the
- * whole paced part, and only one receives at a time.
+ * First each side in turn is driven flat out (the bench publishes as fast as the broker
+ * takes it and reads the replies): that gives each one's maximum, and warms it (a
+ * process that has just started is still compiling its hot paths). Then the bench
+ * publishes at `fixedRate`, or else at `load` (0.5: half) of the first side's maximum,
+ * LATENCY_SECONDS of it for each side, in windows of LATENCY_WINDOW_MS that alternate
+ * between the two sides' queues. Both sides run for the whole paced part, and only one
+ * receives at a time.
  *
  * Why alternate: a p99 is made by the worst 1% of tasks, and on two shared cores those
  * come in episodes of 10 to 60 ms in which a process waits for a core (docs/benchmarks.md,
  * "Measuring the tail"). Run one side after the other, as this bench did before, and
  * each side's p99 depends on the episodes that fell in its few seconds: the raw replier
  * measured against itself that way differed by −10 to +1.4 ms, run to run. Alternated,
- * the two sides share the machine's slow seconds, and the difference measures the sides.
- * Windows of half a second keep the few slower tasks at the start of each window (the
- * side was idle for the last window) to a hundredth of the tasks.
+ * the two sides share the machine's slow seconds. A side is slower for the first few ms
+ * of its window (it idled through the last one); with windows of half a second those
+ * tasks are a hundredth of a side's, and at 250 ms their p99 was no worse than the rest's.
  *
  * The publisher sleeps between ticks of about a millisecond and sends what has come due,
  * each message stamped when it is sent (a busy-waiting publisher would take a core from
- * what it measures). The stamps live in typed arrays, indexed by a number in the
- * correlation id, so that the bench's own collections add little to the two cores.
+ * what it measures). The send stamps live in a typed array indexed by the number in the
+ * correlation id, not in a map of strings whose scavenges stalled the bench.
  */
 async function latencyPair(load: number, sides: [LatencySide, LatencySide], fixedRate?: number) {
   const queues = sides.map((_, k) => `bench.latency.${k}.${randomUUID().slice(0, 8)}`);
   const targets: Pick<ServiceProcess, 'stop'>[] = [];
-  for (const [k, side] of sides.entries()) {
-    const queue = queues[k] as string;
-    targets.push(side === 'raw' ? await rawReplier(queue) : await startService(2, queue));
-  }
-  const replies = await channel.assertQueue('', { exclusive: true });
-  const flat = QUICK ? 5_000 : 20_000;
-  let flatReplies = 0;
-  let flatFirst = 0;
-  let flatLast = 0;
-  let flatDone: () => void = () => {};
-  // The paced part: message i's send stamp, its side, and what each side measured.
-  let sentAt = new Float64Array(0);
-  const toStart: number[][] = [[], []];
-  const toReply: number[][] = [[], []];
-  let count = Number.POSITIVE_INFINITY;
-  let received = 0;
-  let finish: () => void = () => {};
-  const done = new Promise<void>((resolve) => {
-    finish = resolve;
-  });
-  await channel.consume(
-    replies.queue,
-    (m) => {
-      if (m === null) return;
-      const id = String(m.properties.correlationId);
-      if (id.startsWith('f')) {
-        flatLast = performance.now();
-        if (++flatReplies === 1) flatFirst = flatLast;
-        if (flatReplies === flat) flatDone();
-        return;
-      }
-      const now = performance.timeOrigin + performance.now();
-      const side = id.charCodeAt(0) - 48; // '0' or '1'
-      const at = sentAt[Number(id.slice(1))] as number;
-      (toStart[side] as number[]).push((JSON.parse(String(m.content)).result as number) - at);
-      (toReply[side] as number[]).push(now - at);
-      if (++received === count) finish();
-    },
-    { noAck: true },
-  );
-  const body = Buffer.from('{"func":"stamp"}');
-  // Without publisher confirms: the bench's own confirms are broker work that is not the
-  // system under test, on the same two cores.
-  const publisher = await connection.createChannel();
-  const maxRates: number[] = [];
-  for (const queue of queues) {
-    flatReplies = 0;
-    const flatOut = new Promise<void>((resolve) => {
-      flatDone = resolve;
+  let consumerTag: string | undefined;
+  try {
+    for (const [k, side] of sides.entries()) {
+      const queue = queues[k] as string;
+      targets.push(side === 'raw' ? await rawReplier(queue) : await startService(2, queue));
+    }
+    const replies = await channel.assertQueue('', { exclusive: true });
+    const flat = QUICK ? 5_000 : 20_000;
+    // The flat-out part: the side being driven, its replies so far (ids `f<side>-<i>`).
+    let flatSide = 0;
+    let flatReplies = 0;
+    let flatFirst = 0;
+    let flatLast = 0;
+    let flatDone: () => void = () => {};
+    // The paced part (ids `<side><i>`): message i's send stamp, and what each side measured.
+    let sentAt = new Float64Array(0);
+    const toStart: number[][] = [[], []];
+    const toReply: number[][] = [[], []];
+    let count = Number.POSITIVE_INFINITY;
+    let received = 0;
+    let finish: () => void = () => {};
+    const done = new Promise<void>((resolve) => {
+      finish = resolve;
     });
-    for (let i = 0; i < flat; i++) {
-      const options = { replyTo: replies.queue, correlationId: `f${i}` };
-      if (!publisher.sendToQueue(queue, body, options)) await once(publisher, 'drain');
+    ({ consumerTag } = await channel.consume(
+      replies.queue,
+      (m) => {
+        if (m === null) return;
+        const id = String(m.properties.correlationId);
+        if (id.startsWith('f')) {
+          if (id.charCodeAt(1) - 48 !== flatSide) return;
+          flatLast = performance.now();
+          if (++flatReplies === 1) flatFirst = flatLast;
+          if (flatReplies === flat) flatDone();
+          return;
+        }
+        const now = performance.timeOrigin + performance.now();
+        const side = id.charCodeAt(0) - 48; // '0' or '1'
+        const at = sentAt[Number(id.slice(1))] as number;
+        (toStart[side] as number[]).push((JSON.parse(String(m.content)).result as number) - at);
+        (toReply[side] as number[]).push(now - at);
+        if (++received === count) finish();
+      },
+      { noAck: true },
+    ));
+    const body = Buffer.from('{"func":"stamp"}');
+    // Without publisher confirms: the bench's own confirms are broker work that is not the
+    // system under test, on the same two cores.
+    const publisher = await connection.createChannel();
+    const maxRates: number[] = [];
+    for (const [k, queue] of queues.entries()) {
+      flatSide = k;
+      flatReplies = 0;
+      const flatOut = new Promise<void>((resolve) => {
+        flatDone = resolve;
+      });
+      for (let i = 0; i < flat; i++) {
+        const options = { replyTo: replies.queue, correlationId: `f${k}-${i}` };
+        if (!publisher.sendToQueue(queue, body, options)) await once(publisher, 'drain');
+      }
+      await within(flatOut, LATENCY_CEILING_MS, `the flat-out replies of side ${k} (${sides[k]})`);
+      maxRates.push((flat - 1) / ((flatLast - flatFirst) / 1000));
     }
-    await flatOut;
-    maxRates.push((flat - 1) / ((flatLast - flatFirst) / 1000));
-  }
-  const rate = fixedRate ?? (maxRates[0] as number) * load;
-  count = 2 * Math.min(QUICK ? 5_000 : 300_000, Math.round(rate * LATENCY_SECONDS));
-  sentAt = new Float64Array(count);
-  const intervalMs = 1000 / rate;
-  const start = performance.now();
-  for (let i = 0; i < count; ) {
-    const due = Math.min(count, Math.floor((performance.now() - start) / intervalMs) + 1);
-    for (; i < due; i++) {
-      const side = Math.floor((i * intervalMs) / LATENCY_WINDOW_MS) % 2;
-      sentAt[i] = performance.timeOrigin + performance.now();
-      const options = { replyTo: replies.queue, correlationId: `${side}${i}` };
-      publisher.sendToQueue(queues[side] as string, body, options);
+    const rate = fixedRate ?? (maxRates[0] as number) * load;
+    count = 2 * Math.min(QUICK ? 5_000 : 300_000, Math.round(rate * LATENCY_SECONDS));
+    sentAt = new Float64Array(count);
+    const intervalMs = 1000 / rate;
+    const start = performance.now();
+    for (let i = 0; i < count; ) {
+      const due = Math.min(count, Math.floor((performance.now() - start) / intervalMs) + 1);
+      for (; i < due; i++) {
+        const side = Math.floor((i * intervalMs) / LATENCY_WINDOW_MS) % 2;
+        sentAt[i] = performance.timeOrigin + performance.now();
+        const options = { replyTo: replies.queue, correlationId: `${side}${i}` };
+        publisher.sendToQueue(queues[side] as string, body, options);
+      }
+      await sleep(1);
     }
-    await sleep(1);
-  }
-  await done;
-  await publisher.close();
-  for (const target of targets) await target.stop();
-  const figures = (side: number) => {
-    const starts = toStart[side] as number[];
-    const replied = toReply[side] as number[];
-    return {
-      maxRate: Math.round(maxRates[side] as number),
-      rate: Math.round(rate),
-      startP50: percentile(starts, 50),
-      startP99: percentile(starts, 99),
-      startP999: percentile(starts, 99.9),
-      replyP50: percentile(replied, 50),
-      replyP99: percentile(replied, 99),
-      replyP999: percentile(replied, 99.9),
+    await within(done, LATENCY_CEILING_MS, 'the replies of the paced part');
+    await publisher.close();
+    const figures = (side: number) => {
+      const starts = toStart[side] as number[];
+      const replied = toReply[side] as number[];
+      return {
+        maxRate: Math.round(maxRates[side] as number),
+        rate: Math.round(rate),
+        startP50: percentile(starts, 50),
+        startP99: percentile(starts, 99),
+        startP999: percentile(starts, 99.9),
+        replyP50: percentile(replied, 50),
+        replyP99: percentile(replied, 99),
+        replyP999: percentile(replied, 99.9),
+      };
     };
+    return [figures(0), figures(1)] as const;
+  } finally {
+    if (consumerTag !== undefined) await channel.cancel(consumerTag);
+    for (const target of targets) await target.stop();
+  }
+}
+
+/** `promise`, or a clear failure once `ms` have passed without it (a reply lost, a side stuck). */
+async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(
+      () => reject(new Error(`bench: gave up waiting for ${what} after ${ms / 1000} s`)),
+      ms,
+    );
+  });
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+type Latency = Awaited<ReturnType<typeof latencyPair>>[0];
+
+/**
+ * How far apart two raw repliers read, publish→start, measured as the service is: what a
+ * difference between the service and the raw replier must exceed to mean anything. One
+ * run's floor is one sample of the noise, and can understate it.
+ */
+function noiseFloor(a: Latency, b: Latency) {
+  const apart = (x: number, y: number) => +Math.abs(x - y).toFixed(2);
+  return {
+    rate: a.rate,
+    startP50ApartMs: apart(a.startP50, b.startP50),
+    startP99ApartMs: apart(a.startP99, b.startP99),
+    startP999ApartMs: apart(a.startP999, b.startP999),
   };
-  return [figures(0), figures(1)] as const;
 }
 
 /** One sample of the service's /metrics, in MB. */
@@ -430,19 +474,22 @@ async function producers(): Promise<{ raw: number; client: number; ratio: number
   return { ...best, ratio: +(best.client / best.raw).toFixed(3), oneByOne };
 }
 
-// `--only=latency` or `--only=noise` (with BENCH_LATENCY_RATE), `--only=cpu` or `--only=memory`: one phase, as JSON, to iterate on it.
+// `--only=<phase>` (a key below; latency with BENCH_LATENCY_RATE if given): one phase, as JSON, to iterate on it.
 const only = process.argv.find((a) => a.startsWith('--only='))?.slice('--only='.length);
 if (only !== undefined) {
   const phases: Record<string, () => Promise<unknown>> = {
+    // Half load as the full run measures it: the service against the raw replier, then
+    // two raw repliers at the same rate for the noise floor.
     latency: async () => {
       const rate = Number(process.env.BENCH_LATENCY_RATE) || undefined;
       const [service, raw] = await latencyPair(0.5, ['service', 'raw'], rate);
-      return { service, raw, startP99Added: +(service.startP99 - raw.startP99).toFixed(2) };
-    },
-    noise: async () => {
-      const rate = Number(process.env.BENCH_LATENCY_RATE) || undefined;
-      const [a, b] = await latencyPair(0.5, ['raw', 'raw'], rate);
-      return { a, b, startP99Difference: +(a.startP99 - b.startP99).toFixed(2) };
+      const [a, b] = await latencyPair(0.5, ['raw', 'raw'], service.rate);
+      return {
+        service,
+        raw,
+        startP99AddedMs: +(service.startP99 - raw.startP99).toFixed(2),
+        noiseFloor: noiseFloor(a, b),
+      };
     },
     replies: async () => {
       const [service, raw] = await latencyPair(0.5, ['service', 'raw']);
@@ -517,9 +564,17 @@ else {
   cluster = await clusterPhase(log);
 }
 
-type Latency = Awaited<ReturnType<typeof latencyPair>>[0];
-/** p50 / p99 / p99.9 of the service and of the raw replier at the same rate, and what the service adds. */
-function latencyRows(what: string, service: Latency, raw: Latency): string[][] {
+/**
+ * p50 / p99 / p99.9 of the service and of the raw replier at the same rate, and what the
+ * service adds; with a noise floor (measured at half load only), right after the
+ * publish→start rows it belongs to.
+ */
+function latencyRows(
+  what: string,
+  service: Latency,
+  raw: Latency,
+  floor?: ReturnType<typeof noiseFloor>,
+): string[][] {
   const f = (n: number) => n.toFixed(2);
   const rows: string[][] = [];
   for (const [name, key] of [
@@ -538,6 +593,12 @@ function latencyRows(what: string, service: Latency, raw: Latency): string[][] {
       [`  the raw replier at the same rate`, `${f(r50)} / ${f(r99)} / ${f(r999)}`, ''],
       [`  added by the service`, `${f(s50 - r50)} / ${f(s99 - r99)} / ${f(s999 - r999)}`, ''],
     );
+    if (key === 'start' && floor !== undefined)
+      rows.push([
+        `  two raw repliers, publish→start, apart (the noise floor; ${floor.rate}/s)`,
+        `${f(floor.startP50ApartMs)} / ${f(floor.startP99ApartMs)} / ${f(floor.startP999ApartMs)}`,
+        '',
+      ]);
   }
   return rows;
 }
@@ -566,14 +627,8 @@ const result = {
   rawReplierLatencyMs: rawLat,
   latency90Ms: lat90,
   rawReplierLatency90Ms: rawLat90,
-  // Two raw repliers measured the same way at the half-load rate: how far apart two
-  // identical sides read. A p99 added smaller than this is within the noise.
-  noiseFloorMs: {
-    rate: noiseA.rate,
-    startP50Difference: +Math.abs(noiseA.startP50 - noiseB.startP50).toFixed(2),
-    startP99Difference: +Math.abs(noiseA.startP99 - noiseB.startP99).toFixed(2),
-    startP999Difference: +Math.abs(noiseA.startP999 - noiseB.startP999).toFixed(2),
-  },
+  // Two raw repliers measured the same way at the half-load rate (noiseFloor).
+  noiseFloor: noiseFloor(noiseA, noiseB),
   masterRssMb: mem,
   producersPerSecond: publish,
   cluster,
@@ -611,12 +666,7 @@ else {
       `${result.cpuBoundFirstSeconds.efficiency.toFixed(3)}, ${result.cpuBoundFirstSeconds.masterCpuUsPerTask}`,
       '',
     ],
-    ...latencyRows('half load', lat, rawLat),
-    [
-      '  two raw repliers against each other, the same way: p50 / p99 / p99.9 apart (noise floor)',
-      `${f(result.noiseFloorMs.startP50Difference)} / ${f(result.noiseFloorMs.startP99Difference)} / ${f(result.noiseFloorMs.startP999Difference)}`,
-      '',
-    ],
+    ...latencyRows('half load', lat, rawLat, result.noiseFloor),
     ...latencyRows('90% load', lat90, rawLat90),
     [
       'master RSS idle / after 10k / after all (MB)',
