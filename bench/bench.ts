@@ -8,6 +8,7 @@ import os from 'node:os';
 import { fileURLToPath } from 'node:url';
 import amqp, { type ConfirmChannel } from 'amqplib';
 import { createClient } from '../src/client/client.ts';
+import { withDeadline } from '../src/util/deadline.ts';
 import { testBrokerUrl } from '../test/support/broker-url.ts';
 import { type ClusterFigures, clusterConnection, clusterPhase, rawRate } from './cluster.ts';
 import {
@@ -296,7 +297,7 @@ async function latencyPair(load: number, sides: [LatencySide, LatencySide], fixe
         const options = { replyTo: replies.queue, correlationId: `f${k}-${i}` };
         if (!publisher.sendToQueue(queue, body, options)) await once(publisher, 'drain');
       }
-      await within(flatOut, LATENCY_CEILING_MS, `the flat-out replies of side ${k} (${sides[k]})`);
+      await within(flatOut, `the flat-out replies of side ${k} (${sides[k]})`);
       maxRates.push((flat - 1) / ((flatLast - flatFirst) / 1000));
     }
     const rate = fixedRate ?? (maxRates[0] as number) * load;
@@ -314,7 +315,7 @@ async function latencyPair(load: number, sides: [LatencySide, LatencySide], fixe
       }
       await sleep(1);
     }
-    await within(done, LATENCY_CEILING_MS, 'the replies of the paced part');
+    await within(done, 'the replies of the paced part');
     await publisher.close();
     const figures = (side: number) => {
       const starts = toStart[side] as number[];
@@ -337,20 +338,10 @@ async function latencyPair(load: number, sides: [LatencySide, LatencySide], fixe
   }
 }
 
-/** `promise`, or a clear failure once `ms` have passed without it (a reply lost, a side stuck). */
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`bench: gave up waiting for ${what} after ${ms / 1000} s`)),
-      ms,
-    );
-  });
-  try {
-    return await Promise.race([promise, late]);
-  } finally {
-    clearTimeout(timer);
-  }
+/** `promise`, or a clear failure once LATENCY_CEILING_MS have passed without it (a reply lost, a side stuck). */
+function within<T>(promise: Promise<T>, what: string): Promise<T> {
+  const late = () => new Error(`bench: gave up waiting for ${what} after ${LATENCY_CEILING_MS / 1000} s`);
+  return withDeadline(promise, LATENCY_CEILING_MS, { late });
 }
 
 type Latency = Awaited<ReturnType<typeof latencyPair>>[0];
@@ -368,6 +359,19 @@ function noiseFloor(a: Latency, b: Latency) {
     startP99ApartMs: apart(a.startP99, b.startP99),
     startP999ApartMs: apart(a.startP999, b.startP999),
   };
+}
+
+/**
+ * Half load, as the full run and `--only=latency` measure it: the service against the raw
+ * replier (at BENCH_LATENCY_RATE if given), then two raw repliers at the same rate for
+ * the noise floor.
+ */
+async function halfLoad() {
+  const rate = Number(process.env.BENCH_LATENCY_RATE) || undefined;
+  const [service, raw] = await latencyPair(0.5, ['service', 'raw'], rate);
+  log('the same at the same rate, a raw replier alternating with another: the noise floor...');
+  const [a, b] = await latencyPair(0.5, ['raw', 'raw'], service.rate);
+  return { service, raw, floor: noiseFloor(a, b) };
 }
 
 /** One sample of the service's /metrics, in MB. */
@@ -478,17 +482,13 @@ async function producers(): Promise<{ raw: number; client: number; ratio: number
 const only = process.argv.find((a) => a.startsWith('--only='))?.slice('--only='.length);
 if (only !== undefined) {
   const phases: Record<string, () => Promise<unknown>> = {
-    // Half load as the full run measures it: the service against the raw replier, then
-    // two raw repliers at the same rate for the noise floor.
     latency: async () => {
-      const rate = Number(process.env.BENCH_LATENCY_RATE) || undefined;
-      const [service, raw] = await latencyPair(0.5, ['service', 'raw'], rate);
-      const [a, b] = await latencyPair(0.5, ['raw', 'raw'], service.rate);
+      const { service, raw, floor } = await halfLoad();
       return {
         service,
         raw,
         startP99AddedMs: +(service.startP99 - raw.startP99).toFixed(2),
-        noiseFloor: noiseFloor(a, b),
+        noiseFloor: floor,
       };
     },
     replies: async () => {
@@ -534,13 +534,7 @@ const efficiency = await cpuEfficiency();
 log(
   'latency at half the maximum rate of tasks with replies, 2 workers, alternating with a raw amqplib replier...',
 );
-const [lat, rawLat] = await latencyPair(
-  0.5,
-  ['service', 'raw'],
-  Number(process.env.BENCH_LATENCY_RATE) || undefined,
-);
-log('the same at the same rate, a raw replier alternating with another: the noise floor...');
-const [noiseA, noiseB] = await latencyPair(0.5, ['raw', 'raw'], lat.rate);
+const { service: lat, raw: rawLat, floor } = await halfLoad();
 log('latency at 90% of the maximum rate, the service alternating with the raw replier...');
 const [lat90, rawLat90] = await latencyPair(0.9, ['service', 'raw']);
 // Replies flat out, against the raw replier flat out (each latency run starts with a
@@ -628,7 +622,7 @@ const result = {
   latency90Ms: lat90,
   rawReplierLatency90Ms: rawLat90,
   // Two raw repliers measured the same way at the half-load rate (noiseFloor).
-  noiseFloor: noiseFloor(noiseA, noiseB),
+  noiseFloor: floor,
   masterRssMb: mem,
   producersPerSecond: publish,
   cluster,
