@@ -524,9 +524,10 @@ log(
 // runs each, and each side's best is taken. On a shared machine a run lands in a fast or
 // a slow stretch of the host: in one afternoon's runs every process's CPU per task (the
 // broker's too) rose by a fifth to a third together in the slow ones, and the service
-// ran at 49,500 or 65,000/s by which stretch it met (docs/benchmarks.md, twenty-first pass). The best of three raw runs against one service
-// run, as before, compared a fast stretch with whichever came; alternated, both sides
-// meet the same stretches, and the best of each is its ceiling. Every run is reported.
+// ran at 49,500 or 65,000/s by which stretch it met (docs/benchmarks.md, twenty-first
+// pass). The best of three raw runs against one service run, as before, compared a fast
+// stretch with whichever came; alternated, both sides meet the same stretches, and the
+// best of each is its ceiling. Every run is reported.
 const rawRuns: number[] = [];
 const twoWorkerRuns: number[] = [];
 for (let k = 1; k <= 3; k++) {
