@@ -14,7 +14,14 @@ export function burn(ms: number): null {
   return null;
 }
 
-/** The time (ms since the epoch, sub-millisecond) at which the task started. */
+/**
+ * The time at which the task started, in ms on the system's monotonic clock: the one
+ * clock every process on the machine reads alike, so the bench can subtract its own
+ * send stamp from it. `performance.timeOrigin + performance.now()` is not that: each
+ * process fixes its origin from the wall clock when it starts, and processes started
+ * at different moments were seen to disagree by about a millisecond (docs/benchmarks.md,
+ * twenty-second pass), the size of the latency goal.
+ */
 export function stamp(): number {
-  return performance.timeOrigin + performance.now();
+  return Number(process.hrtime.bigint()) / 1e6;
 }
