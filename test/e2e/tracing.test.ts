@@ -3,9 +3,12 @@
 // task sees its span and its own spans are children of it; replies and dead letters
 // carry the trace on; a message without a traceparent starts its own trace.
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
 import { once } from 'node:events';
 import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { type TestContext, test } from 'node:test';
 import { freshName, spawnCli, startCliService, waitFor } from '../support/helpers.ts';
 
@@ -79,7 +82,8 @@ test('one span per task, child of the message traceparent; the task sees it; rep
   );
   await b.send(
     queue,
-    { func: 'buggy', args: ['/dev/null', 'x', '/nonexistent'] },
+    // `buggy` fails while its third argument names no file: a fresh name that nothing makes.
+    { func: 'buggy', args: ['/dev/null', 'x', join(tmpdir(), `amqpc-absent-${randomUUID()}`)] },
     {
       messageId: 'failing-1',
       headers: { traceparent: `00-${parentTrace}-${parentSpan}-01` },
