@@ -19,6 +19,7 @@ import {
   sleep,
   startServiceProcess,
 } from './service-process.ts';
+import { stamp } from './tasks.ts';
 
 /** AMQP_URL, or the default account the local broker accepts (as the tests choose). */
 const AMQP_URL = await testBrokerUrl();
@@ -208,12 +209,6 @@ const LATENCY_CEILING_MS = 120_000;
 type LatencySide = 'service' | 'raw';
 
 /**
- * Now, in ms on the system's monotonic clock, which the stamp task and the raw replier
- * read too: a send stamp and a start stamp from two processes subtract exactly.
- */
-const monotonicMs = () => Number(process.hrtime.bigint()) / 1e6;
-
-/**
  * Publish→start and publish→reply latency through reply_to, for two sides at once: the
  * service and the raw replier, or the raw replier twice (what two identical processes
  * read apart is the noise floor, below which a difference cannot be told from noise).
@@ -279,7 +274,9 @@ async function latencyPair(load: number, sides: [LatencySide, LatencySide], fixe
           if (flatReplies === flat) flatDone();
           return;
         }
-        const now = monotonicMs();
+        // The stamp task's own clock, the monotonic one every process shares: a send stamp
+        // and a start stamp from two processes subtract exactly.
+        const now = stamp();
         const side = id.charCodeAt(0) - 48; // '0' or '1'
         const at = sentAt[Number(id.slice(1))] as number;
         (toStart[side] as number[]).push((JSON.parse(String(m.content)).result as number) - at);
@@ -315,7 +312,7 @@ async function latencyPair(load: number, sides: [LatencySide, LatencySide], fixe
       const due = Math.min(count, Math.floor((performance.now() - start) / intervalMs) + 1);
       for (; i < due; i++) {
         const side = Math.floor((i * intervalMs) / LATENCY_WINDOW_MS) % 2;
-        sentAt[i] = monotonicMs();
+        sentAt[i] = stamp();
         const options = { replyTo: replies.queue, correlationId: `${side}${i}` };
         publisher.sendToQueue(queues[side] as string, body, options);
       }

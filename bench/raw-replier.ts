@@ -4,6 +4,7 @@
 // is the raw consumer's (1000): the flat-out replies are measured against it, and a small
 // window would make its ceiling the confirm round trip rather than the broker.
 import amqp from 'amqplib';
+import { stamp } from './tasks.ts';
 
 const [url, queue] = process.argv.slice(2) as [string, string];
 const consuming = await amqp.connect(url);
@@ -14,8 +15,8 @@ await channel.assertQueue(queue, { durable: true });
 await channel.prefetch(1000);
 await channel.consume(queue, (m) => {
   if (m === null) return;
-  // The clock of bench/tasks.ts's `stamp`: the monotonic one every process shares.
-  const result = Number(process.hrtime.bigint()) / 1e6;
+  // The start as the service's `stamp` task reads it (the clock the bench subtracts from).
+  const result = stamp();
   const body = Buffer.from(JSON.stringify({ ok: true, result }));
   replies.publish('', m.properties.replyTo, body, { correlationId: m.properties.correlationId }, () =>
     channel.ack(m),
